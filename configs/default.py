@@ -1,0 +1,98 @@
+"""Base configuration: every number of a run lives here.
+
+The study's configs (linear.py, cosine.py, sigmoid.py) import this file and change only
+what differs; demo.py shrinks it to run on a laptop CPU. Override any field from the
+command line, e.g. `--config.train.batch_size=16`.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # One seed drives init, noise and data order.
+  config.seed = 0
+
+  # --- data: SEN12MS summer RGB through TFDS (array_record) and grain.
+  config.data = data = ml_collections.ConfigDict()
+  data.dataset = 'sen12ms/summer_rgb'
+  data.data_dir = 'data/tfds'  # Where the built TFDS dataset lives.
+  data.manual_dir = ''  # Raw SEN12MS tree/archive; only needed to build the dataset.
+  data.split = 'train+test'  # The study trained on every summer patch.
+  data.image_size = 128  # Output side length in pixels, after the resize.
+  data.dn_scale = 5000.0  # Digital numbers divided by this, then clipped to [0, 1].
+  data.gamma = 2.2  # Brightness gamma: x ** (1 / gamma).
+  data.random_flip = True  # Random horizontal flip.
+  data.num_workers = 0  # grain worker processes (0: in the main process).
+  data.prefetch = 2  # Batches put on the devices ahead of the step.
+
+  # --- model: the denoising-diffusion-pytorch 1.10.12 Unet.
+  config.model = model = ml_collections.ConfigDict()
+  model.dim = 64
+  model.dim_mults = (1, 2, 4)
+  model.channels = 3
+  model.resnet_block_groups = 8
+  model.attn_heads = 4
+  model.attn_dim_head = 32
+  model.full_attn = ()  # Per stage; empty means full attention in the innermost only.
+  model.self_condition = False
+  model.dtype = 'bfloat16'  # Compute dtype; params stay float32.
+
+  # --- diffusion: schedule, objective and loss.
+  config.diffusion = diffusion = ml_collections.ConfigDict()
+  diffusion.schedule = 'sigmoid'  # One of linear, cosine, sigmoid.
+  diffusion.timesteps = 500
+  diffusion.cosine_s = 0.008
+  diffusion.sigmoid_start = -3.0
+  diffusion.sigmoid_end = 3.0
+  diffusion.sigmoid_tau = 1.0
+  diffusion.objective = 'pred_noise'  # One of pred_noise, pred_x0, pred_v.
+  diffusion.min_snr_gamma = 0.0  # > 0 turns on min-SNR loss weighting.
+  diffusion.offset_noise_strength = 0.0
+  diffusion.input_scale = 1.0  # Chen (2023) input scaling b: x0 -> b * x0.
+
+  # --- optim: AdamW, warm-up then cosine decay to 0, clipping, EMA (ema-pytorch).
+  config.optim = optim = ml_collections.ConfigDict()
+  optim.learning_rate = 2e-5  # Peak, reached at the end of the warm-up.
+  optim.warmup_init_learning_rate = 0.0  # Linear warm-up starts here.
+  optim.warmup_steps = 500
+  optim.end_learning_rate = 0.0  # Cosine decay ends here at the last step.
+  optim.b1 = 0.9
+  optim.b2 = 0.99  # denoising-diffusion-pytorch Trainer's adam_betas.
+  optim.weight_decay = 0.0
+  optim.grad_clip_norm = 1.0
+  optim.ema_decay = 0.995  # ema-pytorch beta: the cap of the warm-up schedule.
+  optim.ema_update_every = 10
+  optim.ema_update_after_step = 100  # Before this, EMA copies the weights.
+  optim.ema_inv_gamma = 1.0
+  optim.ema_power = 2.0 / 3.0
+  optim.ema_min_value = 0.0
+
+  # --- train: the loop.
+  config.train = train = ml_collections.ConfigDict()
+  train.batch_size = 8  # Global batch over all devices and hosts.
+  train.num_epochs = 11
+  train.max_steps = -1  # > 0 stops early (e.g. tests); -1 runs all epochs.
+  train.grad_accum_steps = 1  # Micro-batches per step, summed inside one jitted step.
+  train.log_every_steps = 1
+  train.checkpoint_every_steps = 1000  # Besides the checkpoint after every epoch.
+  train.keep_checkpoints = 3  # Last K step checkpoints; epoch ones are kept too.
+  train.keep_epoch_checkpoints = True
+  train.num_grid_samples = 25  # 5x5 EMA sample grid after each epoch.
+  train.grid_sampler = 'ddpm'  # ddpm (all T steps) or ddim (train.grid_ddim_steps).
+  train.grid_ddim_steps = 50
+  train.grid_clip_denoised = True
+  train.progress_bar = True  # tqdm bar on the first host.
+  train.distributed = False  # Call jax.distributed.initialize() (several hosts).
+
+  # --- sample: --mode=sample.
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.num_samples = 25
+  sample.batch_size = 25
+  sample.sampler = 'ddpm'  # ddpm (all T steps) or ddim.
+  sample.ddim_steps = 50
+  sample.ddim_eta = 0.0
+  sample.checkpoint_step = -1  # -1: the latest.
+  sample.clip_denoised = True
+  sample.seed_offset = 1  # Sampling rng = fold_in(PRNGKey(seed), seed_offset).
+  return config
