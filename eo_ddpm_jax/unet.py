@@ -1,0 +1,356 @@
+"""The denoising U-Net: a Flax Linen port of denoising-diffusion-pytorch 1.10.12's `Unet`.
+
+This module owns the network only. Its layers, their order and their parameter shapes
+follow the library's `Unet` exactly (so parameter counts match and `torch_convert` can
+load the library's weights), with two layout changes for JAX:
+
+- images are NHWC, not NCHW;
+- the pixel-unshuffle downsample stacks its 2x2 neighbours channel-minor, as
+  (p1, p2, c), where the library's `Rearrange('b c (h p1) (w p2) -> b (c p1 p2) h w')`
+  uses (c, p1, p2); `torch_convert` permutes the following 1x1 kernel to match.
+
+Params are float32; `dtype` sets the compute dtype (bfloat16 on GPU/TPU). Norm statistics,
+softmaxes, the time embedding and the final 1x1 projection run in at least float32.
+"""
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+
+def _at_least_f32(dtype: Dtype) -> Dtype:
+  """The dtype for statistics: float32, or float64 when computing in float64."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _per_stage(value, num_stages: int, name: str) -> tuple:
+  """Broadcasts a scalar to one value per stage (the library's `cast_tuple`)."""
+  values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * num_stages
+  if len(values) != num_stages:
+    raise ValueError(f'UNet: {name} has {len(values)} entries but dim_mults has '
+                     f'{num_stages} stages; give one per stage or a single value.')
+  return values
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, theta: float, dtype: Dtype) -> jax.Array:
+  """Sinusoidal timestep embedding, [sin | cos] as in the library's `SinusoidalPosEmb`.
+
+  Args:
+    t: [B] timesteps, int or float (any range; usually 0..T-1).
+    dim: embedding width; dim // 2 frequencies, geometric from 1 to 1/theta.
+    theta: the longest wavelength's scale (10000 in the library).
+    dtype: float dtype of the result.
+
+  Returns:
+    [B, 2 * (dim // 2)] in `dtype`, values in [-1, 1].
+  """
+  half = dim // 2
+  exponent = math.log(theta) / (half - 1)
+  freqs = jnp.exp(jnp.arange(half, dtype=dtype) * -exponent)
+  args = jnp.asarray(t).astype(dtype)[:, None] * freqs[None, :]
+  return jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+
+
+class RMSNorm(nn.Module):
+  """Channel L2 normalisation times sqrt(C) and a learned gain `g` (library `RMSNorm`).
+
+  Matches `F.normalize(x, dim=1) * g * sqrt(C)`, i.e. x / max(||x||, eps).
+  """
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  epsilon: float = 1e-12  # F.normalize's default eps.
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    channels = x.shape[-1]
+    g = self.param('g', nn.initializers.ones, (channels,), self.param_dtype)
+    stat_dtype = _at_least_f32(self.dtype)
+    xs = x.astype(stat_dtype)
+    sum_sq = jnp.sum(jnp.square(xs), axis=-1, keepdims=True)
+    # rsqrt(max(|x|^2, eps^2)) == 1 / max(|x|, eps); sqrt(C) undoes the mean.
+    inv = jax.lax.rsqrt(jnp.maximum(sum_sq, self.epsilon**2)) * math.sqrt(channels)
+    return (xs * inv * g.astype(stat_dtype)).astype(self.dtype)
+
+
+class Block(nn.Module):
+  """3x3 conv -> GroupNorm -> optional (scale + 1, shift) -> SiLU.
+
+  x: [B, H, W, C_in]; scale_shift: two [B, 1, 1, features] or None -> [B, H, W, features].
+  """
+  features: int
+  groups: int = 8
+  norm_epsilon: float = 1e-5  # PyTorch's GroupNorm default.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, scale_shift=None):
+    x = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype,
+                param_dtype=self.param_dtype, name='proj')(x)
+    # Two-pass variance: bfloat16 activations after a conv can have a large mean.
+    x = nn.GroupNorm(num_groups=self.groups, epsilon=self.norm_epsilon,
+                     use_fast_variance=False, dtype=self.dtype,
+                     param_dtype=self.param_dtype, name='norm')(x)
+    if scale_shift is not None:
+      scale, shift = scale_shift
+      x = x * (scale + 1) + shift
+    return nn.silu(x)
+
+
+class ResnetBlock(nn.Module):
+  """Two `Block`s with a time-conditioned scale/shift and a residual (1x1 if needed).
+
+  x: [B, H, W, C_in], time_emb: [B, time_dim] -> [B, H, W, features].
+  """
+  features: int
+  groups: int = 8
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, time_emb):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    emb = nn.Dense(2 * self.features, name='mlp', **kw)(nn.silu(time_emb))
+    scale, shift = jnp.split(emb[:, None, None, :], 2, axis=-1)
+    h = Block(self.features, self.groups, name='block1', **kw)(x, (scale, shift))
+    h = Block(self.features, self.groups, name='block2', **kw)(h)
+    if x.shape[-1] != self.features:
+      x = nn.Conv(self.features, (1, 1), name='res_conv', **kw)(x)
+    return h + x
+
+
+def _split_heads(qkv: jax.Array, heads: int, dim_head: int):
+  """[B, H, W, 3*heads*dim_head] -> q, k, v each [B, H*W, heads, dim_head].
+
+  The channel order (qkv, head, dim) is the library's `chunk(3)` then '(h c)'.
+  """
+  b = qkv.shape[0]
+  qkv = qkv.reshape(b, -1, 3, heads, dim_head)
+  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+
+def _with_memory(mem_kv: jax.Array, k: jax.Array, v: jax.Array, dtype: Dtype):
+  """Prepends the learned memory keys/values [2, M, heads, d] to k, v [B, N, heads, d]."""
+  mem = jnp.broadcast_to(mem_kv.astype(dtype)[:, None],
+                         (2, k.shape[0]) + mem_kv.shape[1:])
+  return (jnp.concatenate([mem[0], k], axis=1),
+          jnp.concatenate([mem[1], v], axis=1))
+
+
+class LinearAttention(nn.Module):
+  """Linear attention (softmax over features for q, over positions for k), with
+  learned memory key/values and RMSNorm before and after (library `LinearAttention`).
+
+  x: [B, H, W, C] -> [B, H, W, C] (the residual is added by the caller).
+  """
+  heads: int = 4
+  dim_head: int = 32
+  num_mem_kv: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = self.heads * self.dim_head
+    mem_kv = self.param('mem_kv', nn.initializers.normal(1.0),
+                        (2, self.num_mem_kv, self.heads, self.dim_head), self.param_dtype)
+    y = RMSNorm(name='norm', **kw)(x)
+    qkv = nn.Conv(3 * hidden, (1, 1), use_bias=False, name='to_qkv', **kw)(y)
+    q, k, v = _split_heads(qkv, self.heads, self.dim_head)
+    k, v = _with_memory(mem_kv, k, v, self.dtype)
+    stat_dtype = _at_least_f32(self.dtype)
+    q = jax.nn.softmax(q.astype(stat_dtype), axis=-1) * self.dim_head**-0.5
+    k = jax.nn.softmax(k.astype(stat_dtype), axis=1)
+    context = jnp.einsum('bnhd,bnhe->bhde', k.astype(self.dtype), v)
+    out = jnp.einsum('bhde,bnhd->bnhe', context, q.astype(self.dtype))
+    out = nn.Conv(c, (1, 1), name='to_out', **kw)(out.reshape(b, h, w, hidden))
+    return RMSNorm(name='to_out_norm', **kw)(out)
+
+
+class Attention(nn.Module):
+  """Full softmax attention over all positions plus learned memory key/values, after
+  an RMSNorm (library `Attention`, non-flash path).
+
+  x: [B, H, W, C] -> [B, H, W, C] (the residual is added by the caller).
+  """
+  heads: int = 4
+  dim_head: int = 32
+  num_mem_kv: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, h, w, c = x.shape
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    hidden = self.heads * self.dim_head
+    mem_kv = self.param('mem_kv', nn.initializers.normal(1.0),
+                        (2, self.num_mem_kv, self.heads, self.dim_head), self.param_dtype)
+    y = RMSNorm(name='norm', **kw)(x)
+    qkv = nn.Conv(3 * hidden, (1, 1), use_bias=False, name='to_qkv', **kw)(y)
+    q, k, v = _split_heads(qkv, self.heads, self.dim_head)
+    k, v = _with_memory(mem_kv, k, v, self.dtype)
+    # Logits and softmax in >= float32 (jax.nn.dot_product_attention would force
+    # float32 even under x64, which the float64 equivalence test needs to avoid).
+    stat_dtype = _at_least_f32(self.dtype)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=stat_dtype)
+    probs = jax.nn.softmax(logits * self.dim_head**-0.5, axis=-1).astype(self.dtype)
+    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    return nn.Conv(c, (1, 1), name='to_out', **kw)(out.reshape(b, h, w, hidden))
+
+
+def pixel_unshuffle(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, H/2, W/2, 4C], channels ordered (p1, p2, c) (see module doc)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h // 2, w // 2, 4 * c)
+
+
+def upsample_nearest(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2."""
+  b, h, w, c = x.shape
+  x = jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c))
+  return x.reshape(b, 2 * h, 2 * w, c)
+
+
+class UNet(nn.Module):
+  """The library's `Unet` (1.10.12) in NHWC.
+
+  Attributes:
+    dim: base width; stage i has dim * dim_mults[i] channels; time embedding 4 * dim.
+    dim_mults: per-stage width multipliers; H, W must be divisible by
+      2 ** (len(dim_mults) - 1).
+    channels: image channels.
+    init_dim: width of the 7x7 stem (default dim).
+    out_dim: output channels (default channels, doubled when learned_variance).
+    self_condition: feed a previous x0 estimate as extra input channels.
+    resnet_block_groups: GroupNorm groups.
+    learned_variance: doubles the default out_dim.
+    sinusoidal_pos_emb_theta: time embedding's wavelength scale.
+    attn_heads, attn_dim_head: int, or one per stage (the middle uses the last).
+    full_attn: one bool per stage (True: full attention, False: linear), or True for
+      all stages; None, () or False give the library's default: full attention in
+      the innermost stage only (the middle always uses full attention).
+    num_mem_kv: learned memory key/values per attention layer (fixed 4 in the library).
+    dtype: compute dtype; params are `param_dtype` (float32).
+  """
+  dim: int
+  dim_mults: Sequence[int] = (1, 2, 4, 8)
+  channels: int = 3
+  init_dim: int | None = None
+  out_dim: int | None = None
+  self_condition: bool = False
+  resnet_block_groups: int = 8
+  learned_variance: bool = False
+  sinusoidal_pos_emb_theta: float = 10000.0
+  attn_heads: int | Sequence[int] = 4
+  attn_dim_head: int | Sequence[int] = 32
+  full_attn: bool | Sequence[bool] | None = None
+  num_mem_kv: int = 4
+  time_dim_mult: int = 4  # Time embedding width is dim * time_dim_mult.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @property
+  def downsample_factor(self) -> int:
+    return 2 ** (len(self.dim_mults) - 1)
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array,
+               x_self_cond: jax.Array | None = None) -> jax.Array:
+    """Predicts the network target (noise, x0 or v) for noisy images.
+
+    Args:
+      x: [B, H, W, channels] float images, usually in [-1, 1].
+      t: [B] int or float timesteps.
+      x_self_cond: [B, H, W, channels] or None (zeros); used when self_condition.
+
+    Returns:
+      [B, H, W, out_dim], float32 (float64 when dtype is float64).
+    """
+    num_stages = len(self.dim_mults)
+    if x.ndim != 4 or any(s % self.downsample_factor for s in x.shape[1:3]):
+      raise ValueError(f'UNet: input of shape {x.shape} must be [B, H, W, C] with H and '
+                       f'W divisible by {self.downsample_factor} for dim_mults '
+                       f'{self.dim_mults}.')
+    full_attn = self.full_attn
+    if not full_attn:
+      full_attn = (False,) * (num_stages - 1) + (True,)
+    full_attn = _per_stage(full_attn, num_stages, 'full_attn')
+    heads = _per_stage(self.attn_heads, num_stages, 'attn_heads')
+    dim_heads = _per_stage(self.attn_dim_head, num_stages, 'attn_dim_head')
+
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    init_dim = self.init_dim or self.dim
+    dims = [init_dim] + [self.dim * m for m in self.dim_mults]
+    in_out = list(zip(dims[:-1], dims[1:]))
+    resnet = functools.partial(ResnetBlock, groups=self.resnet_block_groups, **kw)
+
+    def attention(stage, name):
+      klass = Attention if full_attn[stage] else LinearAttention
+      return klass(heads[stage], dim_heads[stage], self.num_mem_kv, name=name, **kw)
+
+    if self.self_condition:
+      if x_self_cond is None:
+        x_self_cond = jnp.zeros_like(x)
+      x = jnp.concatenate([x_self_cond, x], axis=-1)
+    x = nn.Conv(init_dim, (7, 7), padding=3, name='init_conv', **kw)(x.astype(self.dtype))
+    r = x
+
+    time_dim = self.dim * self.time_dim_mult
+    temb = sinusoidal_embedding(t, self.dim, self.sinusoidal_pos_emb_theta,
+                                _at_least_f32(self.dtype))
+    temb = nn.Dense(time_dim, name='time_mlp_1', **kw)(temb)
+    temb = nn.gelu(temb, approximate=False)  # torch.nn.GELU's default is exact.
+    temb = nn.Dense(time_dim, name='time_mlp_2', **kw)(temb)
+
+    skips = []
+    for i, (dim_in, dim_out) in enumerate(in_out):
+      x = resnet(dim_in, name=f'downs_{i}_block1')(x, temb)
+      skips.append(x)
+      x = resnet(dim_in, name=f'downs_{i}_block2')(x, temb)
+      x = attention(i, f'downs_{i}_attn')(x) + x
+      skips.append(x)
+      if i < num_stages - 1:
+        x = nn.Conv(dim_out, (1, 1), name=f'downs_{i}_downsample', **kw)(pixel_unshuffle(x))
+      else:
+        x = nn.Conv(dim_out, (3, 3), padding=1, name=f'downs_{i}_downsample', **kw)(x)
+
+    x = resnet(dims[-1], name='mid_block1')(x, temb)
+    x = Attention(heads[-1], dim_heads[-1], self.num_mem_kv, name='mid_attn', **kw)(x) + x
+    x = resnet(dims[-1], name='mid_block2')(x, temb)
+
+    for j, (dim_in, dim_out) in enumerate(reversed(in_out)):
+      stage = num_stages - 1 - j
+      for block in ('block1', 'block2'):
+        x = jnp.concatenate([x, skips.pop()], axis=-1)
+        x = resnet(dim_out, name=f'ups_{j}_{block}')(x, temb)
+      x = attention(stage, f'ups_{j}_attn')(x) + x
+      if j < num_stages - 1:
+        x = upsample_nearest(x)
+      x = nn.Conv(dim_in, (3, 3), padding=1, name=f'ups_{j}_upsample', **kw)(x)
+
+    x = resnet(self.dim, name='final_res_block')(jnp.concatenate([x, r], -1), temb)
+    out_dim = self.out_dim or self.channels * (2 if self.learned_variance else 1)
+    # The last 1x1 projection is tiny; running it in >= float32 gives the loss a
+    # full-precision prediction.
+    out_dtype = _at_least_f32(self.dtype)
+    return nn.Conv(out_dim, (1, 1), name='final_conv', dtype=out_dtype,
+                   param_dtype=self.param_dtype)(x)
+
+
+# Presets. The study trained dim=64, dim_mults=(1, 2, 4) (9,908,483 params);
+# the library's default is (1, 2, 4, 8) (35,719,555 params).
+UNetStudy = functools.partial(UNet, dim=64, dim_mults=(1, 2, 4))
+UNetLibraryDefault = functools.partial(UNet, dim=64, dim_mults=(1, 2, 4, 8))
+# Tiny network for tests and CPU demos (242,483 params).
+UNetTiny = functools.partial(UNet, dim=16, dim_mults=(1, 2))

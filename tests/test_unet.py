@@ -1,0 +1,174 @@
+"""Tests for eo_ddpm_jax.unet: sizes, layouts and mixed precision of the Flax U-Net.
+
+Numerical equality with the PyTorch library's Unet is tested in test_torch_convert.py.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eo_ddpm_jax import unet
+
+
+def _param_shapes(model, size=8, channels=3):
+  x = jax.ShapeDtypeStruct((1, size, size, channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  return jax.eval_shape(model.init, jax.random.key(0), x, t)['params']
+
+
+@pytest.mark.parametrize('kwargs, expected', [
+    # denoising-diffusion-pytorch 1.10.12 Unet sizes (the library's own counts).
+    (dict(dim=64, dim_mults=(1, 2, 4, 8)), 35_719_555),
+    (dict(dim=64, dim_mults=(1, 2, 4)), 9_908_483),
+    (dict(dim=32, dim_mults=(1, 2, 4)), 2_612_867),
+    (dict(dim=16, dim_mults=(1, 2)), 242_483),
+])
+def test_parameter_counts_match_library(kwargs, expected):
+  shapes = _param_shapes(unet.UNet(**kwargs))
+  assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes)) == expected
+
+
+def test_presets():
+  count = lambda m: sum(math.prod(s.shape) for s in jax.tree.leaves(_param_shapes(m)))
+  assert count(unet.UNetStudy()) == 9_908_483
+  assert count(unet.UNetLibraryDefault()) == 35_719_555
+  assert count(unet.UNetTiny()) == 242_483
+
+
+def test_default_attention_layout():
+  """Linear attention in outer stages, full in the innermost stage and the middle."""
+  shapes = _param_shapes(unet.UNet(dim=16, dim_mults=(1, 2, 4)))
+  linear = {name for name, p in shapes.items() if 'to_out_norm' in p}
+  assert linear == {'downs_0_attn', 'downs_1_attn', 'ups_1_attn', 'ups_2_attn'}
+  assert 'to_out_norm' not in shapes['mid_attn']
+  # An empty tuple (the config's "default") means the same as None.
+  assert jax.tree.map(np.shape, _param_shapes(unet.UNet(dim=16, dim_mults=(1, 2, 4),
+                                                         full_attn=()))) == \
+      jax.tree.map(np.shape, shapes)
+
+
+def test_pixel_unshuffle_channel_order():
+  x = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
+  y = np.asarray(unet.pixel_unshuffle(jnp.asarray(x)))
+  assert y.shape == (2, 2, 3, 12)
+  for p1 in range(2):
+    for p2 in range(2):
+      for c in range(3):
+        np.testing.assert_array_equal(y[..., (p1 * 2 + p2) * 3 + c], x[:, p1::2, p2::2, c])
+
+
+def test_upsample_nearest():
+  x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
+  expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
+  np.testing.assert_array_equal(np.asarray(unet.upsample_nearest(jnp.asarray(x))), expected)
+
+
+def test_sinusoidal_embedding_formula():
+  t = np.array([0, 7, 499])
+  dim, theta = 16, 10000.0
+  emb = np.asarray(unet.sinusoidal_embedding(jnp.asarray(t), dim, theta, jnp.float32))
+  freqs = theta ** (-np.arange(dim // 2) / (dim // 2 - 1))
+  args = t[:, None] * freqs[None, :]
+  np.testing.assert_allclose(emb, np.concatenate([np.sin(args), np.cos(args)], -1),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_rmsnorm_matches_normalize():
+  x = np.random.default_rng(0).standard_normal((2, 3, 3, 8)).astype(np.float32)
+  module = unet.RMSNorm()
+  g = np.linspace(0.5, 1.5, 8).astype(np.float32)
+  out = module.apply({'params': {'g': g}}, jnp.asarray(x))
+  expected = x / np.linalg.norm(x, axis=-1, keepdims=True) * g * np.sqrt(8)
+  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
+
+
+def _random_params(model, x, t, seed=0):
+  """Random params of the right shapes without running `init`.
+
+  Drawn in numpy: a jitted `init` spends minutes compiling its random number
+  generators on a loaded 2-core CPU. Kernels get fan-in scaled normals, gains lie
+  around 1 and biases around 0, so activations keep a unit scale.
+  """
+  rng = np.random.default_rng(seed)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), x, t)['params']
+
+  def draw(path, s):
+    name = path[-1].key
+    if name == 'kernel':
+      return rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))
+    if name in ('scale', 'g'):
+      return rng.uniform(0.5, 1.5, s.shape)
+    if name == 'bias':
+      return rng.uniform(-0.2, 0.2, s.shape)
+    return rng.standard_normal(s.shape)  # mem_kv, as torch.randn.
+
+  return jax.tree_util.tree_map_with_path(
+      lambda p, s: jnp.asarray(draw(p, s), jnp.float32), shapes)
+
+
+@pytest.fixture(scope='module')
+def tiny():
+  model = unet.UNetTiny()
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, 16, 16, 3)), jnp.float32)
+  t = jnp.asarray([3, 400])
+  # One jitted apply shared by the tests below, so it compiles once.
+  return jax.jit(model.apply), _random_params(model, x, t), x, t
+
+
+def test_init_params_are_float32_for_bfloat16_compute(tiny):
+  _, _, x, t = tiny
+  shapes = jax.eval_shape(unet.UNetTiny(dtype=jnp.bfloat16).init, jax.random.key(0), x, t)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(shapes))
+
+
+def test_output_shape_and_time_dependence(tiny):
+  apply, params, x, t = tiny
+  out = apply({'params': params}, jnp.concatenate([x, x]),
+                             jnp.concatenate([t, t + 50]))
+  assert out.shape == (4, 16, 16, 3) and out.dtype == jnp.float32
+  assert float(jnp.std(out)) > 0.1
+  assert float(jnp.max(jnp.abs(out[:2] - out[2:]))) > 1e-3
+
+
+def test_bfloat16_compute_is_close_to_float32(tiny):
+  apply, params, x, t = tiny
+  reference = apply({'params': params}, jnp.concatenate([x, x]),
+                                   jnp.concatenate([t, t + 50]))[:2]
+  out = jax.jit(unet.UNetTiny(dtype=jnp.bfloat16).apply)({'params': params}, x, t)
+  assert out.dtype == jnp.float32  # The final projection runs in float32.
+  rel = jnp.linalg.norm(out - reference) / jnp.linalg.norm(reference)
+  assert float(rel) < 5e-2  # bfloat16 keeps 8 mantissa bits.
+
+
+def test_self_condition_defaults_to_zeros():
+  # One stage, one head: a small graph that compiles fast.
+  model = unet.UNet(dim=8, dim_mults=(1,), attn_heads=1, attn_dim_head=8,
+                    self_condition=True, learned_variance=True)
+  x = jnp.ones((1, 8, 8, 3))
+  t = jnp.asarray([10])
+  params = _random_params(model, x, t)
+  assert params['init_conv']['kernel'].shape == (7, 7, 6, 8)
+
+  @jax.jit
+  def both(params):
+    variables = {'params': params}
+    # Zeros and x as explicit conditions, batched, beside the default.
+    given = model.apply(variables, jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                        jnp.concatenate([jnp.zeros_like(x), x]))
+    return model.apply(variables, x, t), given[:1], given[1:]
+
+  default, zeros, with_x = both(params)
+  assert default.shape == (1, 8, 8, 6)  # learned_variance doubles the output channels.
+  np.testing.assert_allclose(default, zeros, rtol=1e-5, atol=1e-5)
+  assert float(jnp.max(jnp.abs(with_x - zeros))) > 1e-3  # The condition is used.
+
+
+def test_rejects_indivisible_size_and_bad_stage_tuples():
+  with pytest.raises(ValueError, match='divisible by 2'):
+    _param_shapes(unet.UNet(dim=16, dim_mults=(1, 2)), size=9)
+  with pytest.raises(ValueError, match='full_attn has 3 entries'):
+    _param_shapes(unet.UNet(dim=16, dim_mults=(1, 2), full_attn=(True, False, True)))
