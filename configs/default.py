@@ -59,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   optim.end_learning_rate = 0.0  # Cosine decay ends here at the last step.
   optim.b1 = 0.9
   optim.b2 = 0.99  # denoising-diffusion-pytorch Trainer's adam_betas.
+  optim.eps = 1e-8  # Adam's epsilon (torch and optax default).
   optim.weight_decay = 0.0
   optim.grad_clip_norm = 1.0
   optim.ema_decay = 0.995  # ema-pytorch beta: the cap of the warm-up schedule.

@@ -1,0 +1,245 @@
+"""Training-step throughput: the project's jitted step beside denoising-diffusion-pytorch.
+
+Times the full step of `eo_ddpm_jax.train_step` (loss, gradients, clipping, AdamW, EMA),
+compiled with `compile_train_step` exactly as training compiles it, on a synthetic batch
+held on the device. With --compare-torch it times, on the same device, the step the
+library's `Trainer` runs: `GaussianDiffusion(Unet(...))` forward under autocast, backward,
+`clip_grad_norm_`, `Adam.step`, `zero_grad` and `ema_pytorch.EMA.update()` (eager PyTorch,
+as the study ran it). It reports images/s (median over repeated blocks of steps, with the
+spread), XLA's FLOP count of the compiled step and the MFU it implies, the peak memory,
+the time the study's 11 epochs would take at this rate, and appends the table to
+bench/RESULTS.md.
+
+  python -m bench.train_step --dim 32 --dim_mults 1,2,4 --image_size 64 --batch 8 \
+      --compare-torch
+"""
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+from bench import common  # First: sets the environment jax reads at import.
+
+import argparse
+import functools
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from eo_ddpm_jax import train_step as train_lib
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  common.add_model_flags(parser)
+  parser.add_argument('--batch', type=int, default=8, help='Global batch size.')
+  parser.add_argument('--warmup_steps', type=int, default=3,
+                      help='Untimed steps after compilation (JAX) / before timing (torch).')
+  # One EMA update happens every 10 steps in both frameworks: blocks of 10 steps
+  # each contain exactly one, so blocks are comparable.
+  parser.add_argument('--steps_per_repeat', type=int, default=10,
+                      help='Steps per timed block (synchronised at the block end).')
+  parser.add_argument('--repeats', type=int, default=5, help='Timed blocks per framework.')
+  parser.add_argument('--torch_repeats', type=int, default=None,
+                      help='Timed blocks for torch (default: --repeats).')
+  parser.add_argument('--no_torch_flops', dest='torch_flops', action='store_false',
+                      help='Skip counting torch FLOPs (one extra eager step under '
+                           'torch.utils.flop_counter).')
+  return parser.parse_args(argv)
+
+
+def study_steps() -> int:
+  """Optimizer steps of the study's run: 11 epochs of floor(45,753 / 8) batches."""
+  return common.STUDY_EPOCHS * (common.STUDY_DATASET_SIZE // common.STUDY_BATCH)
+
+
+def projected_hours(images_per_s: float) -> float:
+  """Hours for the study's 11 epochs at batch 8, at the measured images/s."""
+  return study_steps() * common.STUDY_BATCH / images_per_s / 3600
+
+
+def run_jax(args, config) -> dict:
+  """Builds and times the project's train step; returns the measurements."""
+  model = train_lib.create_model(config.model)
+  learning_rate_fn = train_lib.create_learning_rate_fn(config.optim, study_steps())
+  tx = train_lib.create_optimizer(config.optim, learning_rate_fn)
+  schedule = common.make_schedule(config.diffusion)
+  step_fn = train_lib.make_train_step(config, model, tx, schedule, learning_rate_fn)
+
+  mesh = train_lib.make_mesh(jax.devices()[:1])
+  image_shape = (args.image_size, args.image_size, args.channels)
+  init = functools.partial(train_lib.create_train_state, config, model, tx,
+                           image_shape=image_shape)
+  rng = jax.random.PRNGKey(args.seed)
+  state_sharding = train_lib.replicated_sharding(mesh, jax.eval_shape(init, rng))
+  state = jax.jit(init, out_shardings=state_sharding)(rng)
+  batch_sharding = train_lib.batch_sharding(mesh)
+  images = np.random.default_rng(args.seed).uniform(
+      -1, 1, (args.batch, *image_shape)).astype(np.float32)
+  batch = {'image': jax.device_put(images, batch_sharding['image'])}
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+
+  jitted = train_lib.compile_train_step(step_fn, mesh, state_sharding, batch_sharding)
+  start = time.perf_counter()
+  compiled = jitted.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  flops = common.flops_from_cost_analysis(compiled)
+
+  holder = {'state': state}
+
+  def run_block(steps):
+    state, metrics = holder['state'], None
+    for _ in range(steps):
+      state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    holder['state'] = state
+    return metrics
+
+  metrics = run_block(args.warmup_steps)
+  timing = common.time_blocks(lambda: run_block(args.steps_per_repeat), args.repeats,
+                              args.steps_per_repeat)
+  loss = float(run_block(1)['loss'])
+  if not math.isfinite(loss):
+    raise FloatingPointError(f'JAX train step produced a non-finite loss {loss}')
+  del metrics
+  memory, memory_kind = common.jax_peak_memory()
+  return dict(timing=timing, compile_s=compile_s, flops=flops, memory=memory,
+              memory_kind=memory_kind, params=num_params, loss=loss)
+
+
+def run_torch(args, config) -> dict:
+  """Times the library's Trainer step (eager) on the same device."""
+  torch, device, threads = common.torch_setup(args)
+  library, ema_class = common.load_torch_library()
+  torch.manual_seed(args.seed)
+  if device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats(device)
+  diffusion = common.build_torch_diffusion(library, args, device)
+  optim = config.optim
+  # The Trainer's optimizer: Adam(lr, betas=adam_betas); AdamW with weight decay 0 in
+  # JAX is the same update. Its learning-rate schedule does not change the cost.
+  opt = torch.optim.Adam(diffusion.parameters(), lr=optim.learning_rate,
+                         betas=(optim.b1, optim.b2), eps=optim.eps)
+  ema = ema_class(diffusion, beta=optim.ema_decay, update_every=optim.ema_update_every,
+                  update_after_step=optim.ema_update_after_step).to(device)
+  # Start past the copy-only warm-up so the timed steps see the steady-state lerp
+  # every update_every steps, as the JAX step does from its step 110 on.
+  ema.step.fill_(optim.ema_update_after_step + 1)
+  images = torch.rand(args.batch, args.channels, args.image_size, args.image_size,
+                      device=device)  # [0, 1]: the library normalises to [-1, 1] itself.
+  num_params = sum(p.numel() for p in diffusion.model.parameters())
+
+  def step():
+    with common.torch_autocast(torch, device, args.precision):
+      loss = diffusion(images)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(diffusion.parameters(), optim.grad_clip_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    ema.update()
+    return loss
+
+  def run_block(steps):
+    loss = None
+    for _ in range(steps):
+      loss = step()
+    common.torch_sync(torch, device)
+    return loss
+
+  run_block(args.warmup_steps)
+  flops = None
+  if args.torch_flops:
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+      run_block(1)
+    flops = float(counter.get_total_flops())
+  timing = common.time_blocks(lambda: run_block(args.steps_per_repeat),
+                              args.torch_repeats or args.repeats, args.steps_per_repeat)
+  loss = float(run_block(1).detach())
+  if not math.isfinite(loss):
+    raise FloatingPointError(f'torch train step produced a non-finite loss {loss}')
+  memory, memory_kind = common.torch_peak_memory(torch, device)
+  return dict(timing=timing, compile_s=None, flops=flops, memory=memory,
+              memory_kind=memory_kind, params=num_params, loss=loss, threads=threads,
+              device=str(device))
+
+
+def row(name, precision, args, result, peak_tflops):
+  timing = result['timing']
+  images_per_s = args.batch / timing.median
+  flops = result['flops']
+  achieved = flops / timing.median / 1e12 if flops else None
+  mfu = f'{achieved / peak_tflops:.1%}' if achieved and peak_tflops else 'n/a'
+  return [name, precision, args.batch, f'{result["params"]:,}',
+          f'{result["compile_s"]:.1f} s' if result['compile_s'] is not None else '-',
+          f'{timing.median * 1e3:.1f} ms', timing.spread, f'{images_per_s:.1f}',
+          common.format_flops(flops), f'{achieved:.2f}' if achieved else 'n/a', mfu,
+          common.format_bytes(result['memory']), f'{projected_hours(images_per_s):.2f} h']
+
+
+HEADERS = ['framework', 'precision', 'batch', 'params', 'compile', 'step (median)',
+           'spread (min–max)', 'images/s', 'FLOP/step', 'TFLOP/s', 'MFU', 'peak memory',
+           'study 11 epochs']
+
+
+def main(argv):
+  args = parse_args(argv)
+  config = common.study_config(args, args.batch)
+  facts = common.jax_device_facts()
+  peak = args.peak_tflops or common.default_peak_tflops(facts['kind'], facts['platform'])
+
+  jax_result = run_jax(args, config)
+  rows = [row('JAX (eo_ddpm_jax)', args.precision, args, jax_result, peak)]
+  notes = [
+      f'U-Net dim={args.dim}, dim_mults=({args.dim_mults}), {args.image_size}x'
+      f'{args.image_size}x{args.channels}, T={args.timesteps} {args.schedule}, '
+      f'{args.objective}; synthetic batch on the device.',
+      f'Timing: {args.warmup_steps} warm-up steps after compilation, then {args.repeats} '
+      f'blocks of {args.steps_per_repeat} steps, each synchronised at its end; '
+      'step = block time / steps.',
+      'FLOP/step: XLA cost analysis of the compiled step (JAX); '
+      'torch.utils.flop_counter over one step (torch). MFU: against '
+      + (f'{peak:g} TFLOP/s' if peak else 'no peak (CPU)') + '.',
+      f'Peak memory: JAX {jax_result["memory_kind"]}.',
+      f'study 11 epochs: {study_steps():,} steps x {common.STUDY_BATCH} images '
+      '(11 x floor(45,753 / 8)) at the measured images/s of this batch size.',
+  ]
+  torch_result = None
+  if args.compare_torch:
+    try:
+      torch_result = run_torch(args, config)
+    except Exception as error:  # pylint: disable=broad-except
+      # The JAX figures stay worth recording when the library cannot run here.
+      notes.append(f'torch comparison failed: {type(error).__name__}: {error}')
+      print(f'torch comparison failed: {error!r}', file=sys.stderr)
+    else:
+      rows.append(row('denoising-diffusion-pytorch 1.10.12', args.precision, args,
+                      torch_result, peak))
+      ratio = torch_result['timing'].median / jax_result['timing'].median
+      notes += [
+          f'torch: eager on {torch_result["device"]}, {torch_result["threads"]}; '
+          + ('forward under torch.autocast(bfloat16), no GradScaler (the Trainer\'s amp '
+             'uses fp16 autocast + GradScaler); ' if args.precision == 'bfloat16' else
+             'float32; ')
+          + 'Adam(lr, betas=(0.9, 0.99)) + clip_grad_norm_(1.0) + '
+          'EMA(beta=0.995, update_every=10).update() (past its copy-only warm-up). '
+          f'Peak memory: {torch_result["memory_kind"]}.',
+          f'**Speed ratio JAX / torch (images/s): {ratio:.2f}x**',
+      ]
+  projections = [f'{name} {projected_hours(args.batch / r["timing"].median):.2f} h'
+                 for name, r in (('JAX', jax_result), ('torch', torch_result))
+                 if r is not None]
+  notes.append(f'**Projected study training (11 epochs x 45,753 patches at batch '
+               f'{common.STUDY_BATCH}, at this run\'s images/s of batch {args.batch}): '
+               + '; '.join(projections) + '**')
+  if args.note:
+    notes.append(args.note)
+  table = common.markdown_table(HEADERS, rows)
+  common.report(f'Train step, {args.precision}, batch {args.batch}, {facts["kind"]}',
+                table, notes, args.results)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

@@ -1,0 +1,90 @@
+"""Validation of a config before any compute: each error names the key and valid values."""
+
+import os
+
+import ml_collections
+
+from eo_ddpm_jax import schedules
+
+SAMPLERS = ('ddpm', 'ddim')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the key and the fix."""
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def check_model_and_diffusion(config: ml_collections.ConfigDict) -> None:
+  """Checks schedule, objective, samplers, dtype and U-Net/image-size compatibility."""
+  d, m = config.diffusion, config.model
+  _require(d.schedule in schedules.SCHEDULES,
+           f'diffusion.schedule={d.schedule!r} is unknown; valid values: '
+           f'{", ".join(schedules.SCHEDULES)}.')
+  _require(d.objective in schedules.OBJECTIVES,
+           f'diffusion.objective={d.objective!r} is unknown; valid values: '
+           f'{", ".join(schedules.OBJECTIVES)}.')
+  _require(d.timesteps >= 1, f'diffusion.timesteps={d.timesteps} must be >= 1.')
+  _require(m.dtype in COMPUTE_DTYPES,
+           f'model.dtype={m.dtype!r} is unknown; valid values: {", ".join(COMPUTE_DTYPES)}.')
+  for key, value in (('train.grid_sampler', config.train.grid_sampler),
+                     ('sample.sampler', config.sample.sampler)):
+    _require(value in SAMPLERS,
+             f'{key}={value!r} is unknown; valid values: {", ".join(SAMPLERS)}.')
+  _require(len(m.dim_mults) >= 1, 'model.dim_mults must name at least one level.')
+  for mult in m.dim_mults:
+    _require((m.dim * mult) % m.resnet_block_groups == 0,
+             f'model.dim * model.dim_mults ({m.dim} * {mult}) must be divisible by '
+             f'model.resnet_block_groups={m.resnet_block_groups} (GroupNorm groups).')
+  # Every level but the innermost halves the image.
+  factor = 2 ** (len(m.dim_mults) - 1)
+  _require(config.data.image_size % factor == 0,
+           f'data.image_size={config.data.image_size} must be divisible by {factor}, '
+           f'the U-Net\'s downsampling for model.dim_mults={tuple(m.dim_mults)}; '
+           f'e.g. {max(factor, config.data.image_size // factor * factor)}.')
+
+
+def check_batching(config: ml_collections.ConfigDict, num_devices: int,
+                   num_processes: int = 1) -> None:
+  """Checks that the global batch splits over devices, hosts and accumulation steps."""
+  t = config.train
+  _require(t.batch_size >= 1, f'train.batch_size={t.batch_size} must be >= 1.')
+  _require(t.grad_accum_steps >= 1,
+           f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1.')
+  per_step = num_devices * t.grad_accum_steps
+  _require(t.batch_size % per_step == 0,
+           f'train.batch_size={t.batch_size} must be divisible by the number of devices '
+           f'({num_devices}) times train.grad_accum_steps ({t.grad_accum_steps}) = '
+           f'{per_step}; e.g. {max(per_step, t.batch_size // per_step * per_step)}.')
+  _require(t.batch_size % num_processes == 0,
+           f'train.batch_size={t.batch_size} must be divisible by the number of hosts '
+           f'({num_processes}).')
+  _require(t.num_epochs >= 1, f'train.num_epochs={t.num_epochs} must be >= 1.')
+  _require(t.keep_checkpoints >= 1,
+           f'train.keep_checkpoints={t.keep_checkpoints} must be >= 1.')
+  _require(t.num_grid_samples >= 1,
+           f'train.num_grid_samples={t.num_grid_samples} must be >= 1.')
+
+
+def check_data(data_config: ml_collections.ConfigDict) -> None:
+  """Checks that the built TFDS dataset exists under data.data_dir."""
+  name, _, builder_config = data_config.dataset.partition('/')
+  path = os.path.join(data_config.data_dir, name, builder_config)
+  _require(os.path.isdir(path),
+           f'data.data_dir={data_config.data_dir!r} holds no built dataset '
+           f'{data_config.dataset!r} (no folder {path}). Build it with: python -m '
+           f'tfds_sen12ms.build --manual_dir=<SEN12MS dir> --data_dir={data_config.data_dir} '
+           f'--config={builder_config}')
+
+
+def check_config(config: ml_collections.ConfigDict, *, num_devices: int,
+                 num_processes: int = 1, need_data: bool = True) -> None:
+  """All checks; raises ConfigError on the first problem."""
+  check_model_and_diffusion(config)
+  check_batching(config, num_devices, num_processes)
+  if need_data:
+    check_data(config.data)

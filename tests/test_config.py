@@ -1,0 +1,67 @@
+"""Tests of the configs and of eo_ddpm_jax.config_check: every error names its key."""
+
+import importlib
+
+import pytest
+
+from configs import default
+from eo_ddpm_jax import config_check
+from eo_ddpm_jax import train
+
+
+@pytest.mark.parametrize('name', ['linear', 'cosine', 'sigmoid'])
+def test_study_configs_hold_the_studys_settings(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  assert config.diffusion.schedule == name
+  assert config.diffusion.timesteps == 500
+  assert (config.model.dim, tuple(config.model.dim_mults)) == (64, (1, 2, 4))
+  assert config.data.image_size == 128
+  assert config.train.batch_size == 8 and config.train.num_epochs == 11
+  assert config.optim.learning_rate == 2e-5 and config.optim.grad_clip_norm == 1.0
+  assert config.optim.ema_decay == 0.995 and config.optim.end_learning_rate == 0.0
+  assert config.model.dtype == 'bfloat16'
+  assert config.diffusion.objective == 'pred_noise'
+  config_check.check_config(config, num_devices=1, need_data=False)
+
+
+def test_demo_config_is_valid():
+  config = importlib.import_module('configs.demo').get_config()
+  config_check.check_config(config, num_devices=1, need_data=False)
+  assert config.data.image_size == 32
+
+
+@pytest.mark.parametrize('key, value, num_devices, pattern', [
+    ('diffusion.schedule', 'quadratic', 1,
+     r"diffusion.schedule='quadratic' is unknown; valid values: linear, cosine, sigmoid"),
+    ('diffusion.objective', 'pred_eps', 1,
+     r"diffusion.objective='pred_eps' is unknown; valid values: pred_noise, pred_x0, pred_v"),
+    ('train.batch_size', 6, 4,
+     r'train.batch_size=6 must be divisible by the number of devices \(4\)'),
+    ('train.grad_accum_steps', 3, 1, r'train.batch_size=8 must be divisible .* = 3'),
+    ('data.image_size', 90, 1,
+     r'data.image_size=90 must be divisible by 4, .* model.dim_mults=\(1, 2, 4\)'),
+    ('model.dtype', 'float16', 1, r"model.dtype='float16' is unknown; valid values"),
+    ('sample.sampler', 'euler', 1, r"sample.sampler='euler' is unknown; valid values: ddpm, ddim"),
+])
+def test_config_errors_name_key_and_valid_values(key, value, num_devices, pattern):
+  config = default.get_config()
+  group, field = key.split('.')
+  config[group][field] = value
+  with pytest.raises(config_check.ConfigError, match=pattern):
+    config_check.check_config(config, num_devices=num_devices, need_data=False)
+
+
+def test_missing_data_names_data_dir_and_build_command(tmp_path):
+  config = default.get_config()
+  config.data.data_dir = str(tmp_path / 'nothing_here')
+  with pytest.raises(config_check.ConfigError,
+                     match=r'data.data_dir=.*nothing_here.* python -m tfds_sen12ms.build'):
+    config_check.check_config(config, num_devices=1)
+
+
+def test_train_rejects_bad_config_before_any_compute(tmp_path):
+  config = default.get_config()
+  config.diffusion.schedule = 'quadratic'
+  with pytest.raises(config_check.ConfigError, match='diffusion.schedule'):
+    train.train_and_evaluate(config, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()  # Nothing was written either.

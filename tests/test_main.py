@@ -1,0 +1,38 @@
+"""Tests of the command line (eo_ddpm_jax.main) that need no training."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _main(*args):
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu'}
+  return subprocess.run([sys.executable, '-m', 'eo_ddpm_jax.main', *args], cwd=ROOT,
+                        env=env, capture_output=True, text=True)
+
+
+def test_modes_not_implemented_yet_are_rejected_clearly(tmp_path):
+  result = _main('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=evaluate')
+  assert result.returncode != 0
+  assert '--mode=evaluate is not implemented yet; available: train, sample' in result.stderr
+
+
+def test_unknown_config_key_is_rejected(tmp_path):
+  result = _main('--config=configs/demo.py', f'--workdir={tmp_path}',
+                 '--config.train.batch_sise=4')
+  assert result.returncode != 0 and 'batch_sise' in result.stderr
+
+
+def test_bad_override_names_key_before_compute(tmp_path):
+  result = _main('--config=configs/demo.py', f'--workdir={tmp_path / "run"}',
+                 '--config.diffusion.schedule=quadratic')
+  assert result.returncode != 0
+  assert "diffusion.schedule='quadratic' is unknown" in result.stderr
+  assert not (tmp_path / 'run').exists()
+
+
+def test_sample_without_checkpoint_says_train_first(tmp_path):
+  result = _main('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=sample')
+  assert result.returncode != 0 and 'train first' in result.stderr

@@ -1,0 +1,195 @@
+"""End-to-end training through the real CLI on a tiny synthetic SEN12MS build.
+
+Each run is a subprocess of `python -m eo_ddpm_jax.main` (XLA flags such as the
+forced CPU device count are read at import). They share a persistent compilation
+cache, so identical programs compile once; a cached program is the same binary,
+which is what makes the kill-and-resume comparison bitwise on CPU.
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PATCHES = 16  # 2 scenes x 8 patches, all in the 'train+test' split.
+BATCH = 4  # -> 4 steps per epoch.
+EPOCHS = 2
+FINAL_STEP = NUM_PATCHES // BATCH * EPOCHS
+TINY = [  # A tiny U-Net on 16x16 with T = 20, small enough to compile quickly.
+    '--config.data.image_size=16', '--config.model.dim=8', '--config.model.dim_mults=(1,2)',
+    '--config.model.attn_heads=1', '--config.model.attn_dim_head=8',
+    '--config.model.dtype=float32', '--config.diffusion.timesteps=20',
+    f'--config.train.batch_size={BATCH}', f'--config.train.num_epochs={EPOCHS}',
+    '--config.optim.learning_rate=1e-3', '--config.optim.warmup_steps=2',
+    # Adam's step lr * g / (|g| + eps) turns rounding-level differences of tiny
+    # gradients (device reduction order) into +-lr jumps; a large eps keeps it linear.
+    '--config.optim.eps=1e-3',
+    '--config.train.checkpoint_every_steps=2', '--config.train.keep_checkpoints=20',
+    '--config.train.num_grid_samples=4', '--config.train.grid_sampler=ddim',
+    '--config.train.grid_ddim_steps=3', '--config.train.progress_bar=False',
+]
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  """Environment of the runs: the repo on the path, a shared compilation cache."""
+  cache = tmp_path_factory.mktemp('jax_cache')
+  return {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
+          'JAX_COMPILATION_CACHE_DIR': str(cache),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+@pytest.fixture(scope='module')
+def data_dir(tmp_path_factory, env):
+  """A real TFDS build (tfds_sen12ms builder) of synthetic SEN12MS patches."""
+  base = tmp_path_factory.mktemp('sen12ms')
+  for module, args in (
+      ('tfds_sen12ms.synthetic', ['--out_dir', str(base / 'raw'), '--num_scenes=2',
+                                  f'--patches_per_scene={NUM_PATCHES // 2}']),
+      ('tfds_sen12ms.build', ['--manual_dir', str(base / 'raw'), '--data_dir',
+                              str(base / 'tfds'), '--config=summer_rgb', '--num_workers=1'])):
+    subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+  return str(base / 'tfds')
+
+
+def _command(workdir, data_dir, *extra, mode='train'):
+  return [sys.executable, '-m', 'eo_ddpm_jax.main', '--config=configs/demo.py',
+          f'--workdir={workdir}', f'--mode={mode}', f'--config.data.data_dir={data_dir}',
+          *TINY, *extra]
+
+
+def _train(workdir, data_dir, env, *extra, devices=1, check=True):
+  run_env = {**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}'}
+  result = subprocess.run(_command(workdir, data_dir, *extra), cwd=ROOT, env=run_env,
+                          capture_output=True, text=True)
+  if check and result.returncode != 0:
+    raise AssertionError(f'training failed:\n{result.stderr[-5000:]}')
+  return result
+
+
+def _final_state(workdir, step=FINAL_STEP):
+  """The saved TrainState tree (nested dicts of arrays), read onto one CPU device."""
+  import jax  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, 'checkpoints', str(step), 'state')
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  # A target with this process's sharding, also for checkpoints written on 4 devices.
+  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                        checkpointer.metadata(path).item_metadata.tree)
+  return checkpointer.restore(path, target)
+
+
+def _leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def _losses(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return {r['step']: r['loss'] for r in map(json.loads, f)}
+
+
+@pytest.fixture(scope='module')
+def reference_run(tmp_path_factory, data_dir, env):
+  """An uninterrupted 1-device run."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  _train(workdir, data_dir, env)
+  return workdir
+
+
+def test_run_leaves_checkpoints_logs_and_grids(reference_run):
+  losses = _losses(reference_run)
+  assert sorted(losses) == list(range(1, FINAL_STEP + 1))
+  assert all(np.isfinite(list(losses.values())))
+  steps = sorted(int(s) for s in os.listdir(os.path.join(reference_run, 'checkpoints')))
+  assert steps == list(range(2, FINAL_STEP + 1, 2))  # checkpoint_every_steps=2.
+  for epoch in range(1, EPOCHS + 1):
+    grid = np.asarray(Image.open(os.path.join(reference_run, 'samples',
+                                              f'epoch_{epoch:03d}.png')))
+    assert grid.shape == (32, 32, 3)  # 4 samples of 16x16 as 2x2.
+  assert os.listdir(os.path.join(reference_run, 'tensorboard'))
+  state = _final_state(reference_run)
+  assert int(state['step']) == FINAL_STEP
+
+
+def test_four_devices_match_one_device(tmp_path, reference_run, data_dir, env):
+  workdir = str(tmp_path / 'four')
+  result = _train(workdir, data_dir, env, devices=4)
+  assert result.stderr.count('CpuDevice(id=') >= 4  # main logs jax.devices().
+  ref, four = _losses(reference_run), _losses(workdir)
+  assert sorted(four) == sorted(ref)
+  # Same global batch, seed and noise; only the reduction order differs.
+  np.testing.assert_allclose([four[s] for s in sorted(four)], [ref[s] for s in sorted(ref)],
+                             rtol=1e-4)
+  for got, want in zip(_leaves(_final_state(workdir)['params']),
+                       _leaves(_final_state(reference_run)['params'])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_sigkill_and_resume_equals_uninterrupted(tmp_path, reference_run, data_dir, env):
+  workdir = str(tmp_path / 'killed')
+  run_env = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  process = subprocess.Popen(_command(workdir, data_dir), cwd=ROOT, env=run_env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = os.path.join(workdir, 'checkpoints', '2')
+  while not os.path.exists(first) and process.poll() is None:
+    time.sleep(0.005)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert process.returncode == -signal.SIGKILL, 'the run ended before it was killed'
+  saved = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints'))
+                 if s.isdigit())
+  assert FINAL_STEP not in saved, f'killed too late: {saved}'
+  _train(workdir, data_dir, env)  # Resumes from the newest checkpoint that restores.
+  resumed, reference = _final_state(workdir), _final_state(reference_run)
+  for name in ('params', 'ema_params', 'opt_state', 'step'):
+    for got, want in zip(_leaves(resumed[name]), _leaves(reference[name])):
+      np.testing.assert_array_equal(got, want, err_msg=f'{name} differs after resume')
+  assert _losses(workdir) == _losses(reference_run)
+
+
+def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path, reference_run,
+                                                         data_dir, env):
+  workdir = str(tmp_path / 'nan')
+  shutil.copytree(reference_run, workdir)
+  # One more epoch with a NaN input scale: the first new step's loss is NaN.
+  result = _train(workdir, data_dir, env, f'--config.train.num_epochs={EPOCHS + 1}',
+                  '--config.diffusion.input_scale=nan', check=False)
+  assert result.returncode != 0
+  last = os.path.join(workdir, 'checkpoints', str(FINAL_STEP))
+  assert (f'Non-finite loss nan at step {FINAL_STEP + 1}' in result.stderr
+          and f'last good checkpoint is {last}' in result.stderr), result.stderr[-3000:]
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert steps[-1] == FINAL_STEP
+  for got, want in zip(_leaves(_final_state(workdir)), _leaves(_final_state(reference_run))):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_sample_mode_writes_grid_and_arrays(reference_run, data_dir, env):
+  result = subprocess.run(
+      _command(reference_run, data_dir, '--config.sample.num_samples=3',
+               '--config.sample.batch_size=2', '--config.sample.sampler=ddim',
+               '--config.sample.ddim_steps=3', mode='sample'),
+      cwd=ROOT, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  stem = os.path.join(reference_run, 'samples', f'step_{FINAL_STEP}_ddim3')
+  images = np.load(stem + '.npy')
+  assert images.shape == (3, 16, 16, 3) and images.dtype == np.float32
+  assert images.min() >= -1.0 and images.max() <= 1.0
+  grid = np.asarray(Image.open(stem + '.png'))
+  assert grid.shape == (32, 32, 3)  # ceil(sqrt(3)) = 2 columns, 2 rows.
+  expected = np.rint((images + 1) / 2 * 255).astype(np.uint8)
+  np.testing.assert_array_equal(grid[:16, :16], expected[0])
+  np.testing.assert_array_equal(grid[16:, :16], expected[2])
+  assert not grid[16:, 16:].any()  # The missing fourth tile stays black.
