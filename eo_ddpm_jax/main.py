@@ -44,5 +44,10 @@ def main(argv) -> None:
   {'train': run_train, 'sample': run_sample}[FLAGS.mode](FLAGS.config, FLAGS.workdir)
 
 
-if __name__ == '__main__':
+def run() -> None:
+  """Console-script entry point (`eo-ddpm-jax --config=... --workdir=...`)."""
   app.run(main)
+
+
+if __name__ == '__main__':
+  run()
