@@ -29,12 +29,6 @@ import numpy as np
 _NUM_DN = np.iinfo(np.uint16).max + 1
 # Pixel range after the gamma step, as in the study's 8-bit-style images.
 _PIXEL_MAX = 255.0
-# Until configs/default.py has data.read_threads / data.read_buffer_size:
-# two mapping threads per process (numpy releases the GIL in the lookup and
-# resize; 2 threads gave 853 vs 468 images/s on 2 cores, bench/RESULTS.md) and
-# a small buffer (grain's default of 500 batches can hold gigabytes).
-_DEFAULT_READ_THREADS = 2
-_DEFAULT_READ_BUFFER_SIZE = 2
 # Stream id mixed into the flip seed so flips are independent of the shuffle.
 _FLIP_STREAM = 1
 
@@ -250,9 +244,8 @@ def create_train_dataset(source, data_config, *, global_batch_size: int,
         .batch(local_batch_size, drop_remainder=True))
   if read_options is None:
     read_options = grain.ReadOptions(
-        num_threads=data_config.get('read_threads', _DEFAULT_READ_THREADS),
-        prefetch_buffer_size=data_config.get(
-            'read_buffer_size', _DEFAULT_READ_BUFFER_SIZE))
+        num_threads=data_config.read_threads,
+        prefetch_buffer_size=data_config.read_buffer_size)
   ds = ds.to_iter_dataset(read_options)
   if data_config.num_workers > 0:
     ds = ds.mp_prefetch(
