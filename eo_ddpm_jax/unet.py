@@ -144,6 +144,24 @@ def _with_memory(mem_kv: jax.Array, k: jax.Array, v: jax.Array, dtype: Dtype):
           jnp.concatenate([mem[1], v], axis=1))
 
 
+def _normed_qkv_with_memory(attn: nn.Module, x: jax.Array):
+  """The shared head of both attentions: RMSNorm, 1x1 conv to q/k/v, memory key/values.
+
+  Called inside `attn`'s compact __call__, so the params it makes ('mem_kv', 'norm',
+  'to_qkv') belong to `attn`. x: [B, H, W, C] -> q [B, H*W, heads, d] and k, v
+  [B, M + H*W, heads, d].
+  """
+  kw = dict(dtype=attn.dtype, param_dtype=attn.param_dtype)
+  mem_kv = attn.param('mem_kv', nn.initializers.normal(1.0),
+                      (2, attn.num_mem_kv, attn.heads, attn.dim_head), attn.param_dtype)
+  y = RMSNorm(name='norm', **kw)(x)
+  qkv = nn.Conv(3 * attn.heads * attn.dim_head, (1, 1), use_bias=False, name='to_qkv',
+                **kw)(y)
+  q, k, v = _split_heads(qkv, attn.heads, attn.dim_head)
+  k, v = _with_memory(mem_kv, k, v, attn.dtype)
+  return q, k, v
+
+
 class LinearAttention(nn.Module):
   """Linear attention (softmax over features for q, over positions for k), with
   learned memory key/values and RMSNorm before and after (library `LinearAttention`).
@@ -161,12 +179,7 @@ class LinearAttention(nn.Module):
     b, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = self.heads * self.dim_head
-    mem_kv = self.param('mem_kv', nn.initializers.normal(1.0),
-                        (2, self.num_mem_kv, self.heads, self.dim_head), self.param_dtype)
-    y = RMSNorm(name='norm', **kw)(x)
-    qkv = nn.Conv(3 * hidden, (1, 1), use_bias=False, name='to_qkv', **kw)(y)
-    q, k, v = _split_heads(qkv, self.heads, self.dim_head)
-    k, v = _with_memory(mem_kv, k, v, self.dtype)
+    q, k, v = _normed_qkv_with_memory(self, x)
     stat_dtype = _at_least_f32(self.dtype)
     q = jax.nn.softmax(q.astype(stat_dtype), axis=-1) * self.dim_head**-0.5
     k = jax.nn.softmax(k.astype(stat_dtype), axis=1)
@@ -193,12 +206,7 @@ class Attention(nn.Module):
     b, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = self.heads * self.dim_head
-    mem_kv = self.param('mem_kv', nn.initializers.normal(1.0),
-                        (2, self.num_mem_kv, self.heads, self.dim_head), self.param_dtype)
-    y = RMSNorm(name='norm', **kw)(x)
-    qkv = nn.Conv(3 * hidden, (1, 1), use_bias=False, name='to_qkv', **kw)(y)
-    q, k, v = _split_heads(qkv, self.heads, self.dim_head)
-    k, v = _with_memory(mem_kv, k, v, self.dtype)
+    q, k, v = _normed_qkv_with_memory(self, x)
     # Logits and softmax in >= float32 (jax.nn.dot_product_attention would force
     # float32 even under x64, which the float64 equivalence test needs to avoid).
     stat_dtype = _at_least_f32(self.dtype)
