@@ -144,7 +144,16 @@ def _with_memory(mem_kv: jax.Array, k: jax.Array, v: jax.Array, dtype: Dtype):
           jnp.concatenate([mem[1], v], axis=1))
 
 
-def _normed_qkv_with_memory(attn: nn.Module, x: jax.Array):
+class _AttentionSettings(nn.Module):
+  """The settings both attentions share (library defaults)."""
+  heads: int = 4
+  dim_head: int = 32
+  num_mem_kv: int = 4
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+
+def _normed_qkv_with_memory(attn: '_AttentionSettings', x: jax.Array):
   """The shared head of both attentions: RMSNorm, 1x1 conv to q/k/v, memory key/values.
 
   Called inside `attn`'s compact __call__, so the params it makes ('mem_kv', 'norm',
@@ -162,18 +171,12 @@ def _normed_qkv_with_memory(attn: nn.Module, x: jax.Array):
   return q, k, v
 
 
-class LinearAttention(nn.Module):
+class LinearAttention(_AttentionSettings):
   """Linear attention (softmax over features for q, over positions for k), with
   learned memory key/values and RMSNorm before and after (library `LinearAttention`).
 
   x: [B, H, W, C] -> [B, H, W, C] (the residual is added by the caller).
   """
-  heads: int = 4
-  dim_head: int = 32
-  num_mem_kv: int = 4
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
@@ -189,18 +192,12 @@ class LinearAttention(nn.Module):
     return RMSNorm(name='to_out_norm', **kw)(out)
 
 
-class Attention(nn.Module):
+class Attention(_AttentionSettings):
   """Full softmax attention over all positions plus learned memory key/values, after
   an RMSNorm (library `Attention`, non-flash path).
 
   x: [B, H, W, C] -> [B, H, W, C] (the residual is added by the caller).
   """
-  heads: int = 4
-  dim_head: int = 32
-  num_mem_kv: int = 4
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
