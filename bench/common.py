@@ -58,6 +58,8 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--precision', choices=('float32', 'bfloat16'), default='float32',
                       help='JAX: the U-Net compute dtype (params stay float32). torch: '
                            'bfloat16 runs the forward under torch.autocast(bfloat16).')
+  parser.add_argument('--attention_impl', choices=('auto', 'einsum', 'cudnn'),
+                      default='auto', help='JAX full attention kernel (model.attention_impl).')
   parser.add_argument('--timesteps', type=int, default=500, help='Diffusion steps T.')
   parser.add_argument('--schedule', default='sigmoid', help='Beta schedule name.')
   parser.add_argument('--objective', default='pred_noise')
@@ -87,6 +89,7 @@ def study_config(args: argparse.Namespace, batch_size: int):
   config.model.dim_mults = parse_dim_mults(args.dim_mults)
   config.model.channels = args.channels
   config.model.dtype = args.precision
+  config.model.attention_impl = args.attention_impl
   config.data.image_size = args.image_size
   config.diffusion.timesteps = args.timesteps
   config.diffusion.schedule = args.schedule
@@ -224,6 +227,23 @@ def format_flops(n: float | None) -> str:
   if n is None:
     return 'n/a'
   return f'{n / 1e9:.1f} GFLOP'
+
+
+def cpu_model_flops(fn: Callable, *args) -> float | None:
+  """FLOPs of `fn(*args)` from XLA's cost analysis of its un-optimised HLO, on the CPU.
+
+  The model's FLOPs, whatever device runs it: on GPUs the PJRT plugin offers no analysis
+  of lowered HLO, and the compiled program's analysis leaves out the convolutions (cuDNN
+  custom calls), so it under-counts ~20x. Lowering for the host CPU counts every conv and
+  dot (within 2% of torch.utils.flop_counter, bench/RESULTS.md). `fn` must not use
+  GPU-only kernels (build it with attention_impl='einsum'); args may be arrays or
+  ShapeDtypeStructs.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices('cpu')[0])
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=cpu),
+                          args)
+  return flops_from_cost_analysis(jax.jit(fn).lower(*abstract))
 
 
 def flops_from_cost_analysis(compiled) -> float | None:

@@ -10,9 +10,12 @@
 #   2. sampling 25 images (DDPM 500 steps, DDIM 50), bfloat16 and float32, with torch;
 #   3. train step at batch 64 (JAX and torch) and 256 (JAX) in bfloat16.
 # One failure does not stop the rest. Tables go to $OUT/gpu_results.md when OUT is set,
-# else bench/gpu_results.md, and are echoed at the end.
+# else bench/gpu_results.md, and are echoed at the end. BENCH_ONLY="key ..." runs only
+# those benchmarks (keys: train_f32_b8 train_bf16_b8 sample_bf16 sample_f32
+# train_bf16_b64 train_bf16_b256), in this order.
 #
 #   bash bench/gpu.sh                          # on the GPU machine
+#   BENCH_ONLY="train_bf16_b256" bash bench/gpu.sh
 #   BENCH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu.sh   # tiny sizes, any machine
 set -u
 
@@ -56,8 +59,11 @@ mkdir -p "$(dirname "$RESULTS")"
 
 FAILED=()
 run() {
-  # run NAME ARGS...: one benchmark under the per-command timeout and the deadline.
-  local name="$1"; shift
+  # run KEY NAME ARGS...: one benchmark under the per-command timeout and the deadline.
+  local key="$1" name="$2"; shift 2
+  if [[ -n "${BENCH_ONLY:-}" && " $BENCH_ONLY " != *" $key "* ]]; then
+    return
+  fi
   local left=$((BUDGET_S - SECONDS))
   if ((left < MIN_START_S)); then
     echo "== SKIP $name: ${left}s of the ${BUDGET_S}s budget left" | tee -a "$RESULTS"
@@ -76,19 +82,25 @@ run() {
   fi
 }
 
-run "train float32 b$BATCH" -m bench.train_step "${COMMON[@]}" "${TRAIN_TIMING[@]}" \
-    --precision float32 --batch "$BATCH" --compare-torch
-run "train bfloat16 b$BATCH" -m bench.train_step "${COMMON[@]}" "${TRAIN_TIMING[@]}" \
-    --precision bfloat16 --batch "$BATCH" --compare-torch
-run "sample bfloat16" -m bench.sample "${COMMON[@]}" "${SAMPLE_TIMING[@]}" \
+run train_f32_b8 "train float32 b$BATCH" -m bench.train_step "${COMMON[@]}" \
+    "${TRAIN_TIMING[@]}" --precision float32 --batch "$BATCH" --compare-torch
+# bfloat16 uses the fused cuDNN attention (model.attention_impl=auto); --check_attention
+# reports its distance from the einsum reference.
+run train_bf16_b8 "train bfloat16 b$BATCH" -m bench.train_step "${COMMON[@]}" \
+    "${TRAIN_TIMING[@]}" --precision bfloat16 --batch "$BATCH" --compare-torch \
+    --check_attention
+run sample_bf16 "sample bfloat16" -m bench.sample "${COMMON[@]}" "${SAMPLE_TIMING[@]}" \
     --precision bfloat16 --num_images "$NUM_IMAGES" --compare-torch
-run "sample float32" -m bench.sample "${COMMON[@]}" "${SAMPLE_TIMING[@]}" \
+run sample_f32 "sample float32" -m bench.sample "${COMMON[@]}" "${SAMPLE_TIMING[@]}" \
     --precision float32 --num_images "$NUM_IMAGES" --compare-torch
-run "train bfloat16 b${LARGE_BATCHES[0]}" -m bench.train_step "${COMMON[@]}" \
-    "${TRAIN_TIMING[@]}" --precision bfloat16 --batch "${LARGE_BATCHES[0]}" --compare-torch
-run "train bfloat16 b${LARGE_BATCHES[1]}" -m bench.train_step "${COMMON[@]}" \
-    "${TRAIN_TIMING[@]}" --precision bfloat16 --batch "${LARGE_BATCHES[1]}"
-
+run train_bf16_b64 "train bfloat16 b${LARGE_BATCHES[0]}" -m bench.train_step \
+    "${COMMON[@]}" "${TRAIN_TIMING[@]}" --precision bfloat16 \
+    --batch "${LARGE_BATCHES[0]}" --compare-torch
+# JAX alone: it may take 90% of the GPU's memory (common.py's default leaves room for
+# torch in the same process).
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
+run train_bf16_b256 "train bfloat16 b${LARGE_BATCHES[1]}" -m bench.train_step \
+    "${COMMON[@]}" "${TRAIN_TIMING[@]}" --precision bfloat16 --batch "${LARGE_BATCHES[1]}"
 echo
 echo "==================== $RESULTS ===================="
 cat "$RESULTS"

@@ -6,7 +6,8 @@ held on the device. With --compare-torch it times, on the same device, the step 
 library's `Trainer` runs: `GaussianDiffusion(Unet(...))` forward under autocast, backward,
 `clip_grad_norm_`, `Adam.step`, `zero_grad` and `ema_pytorch.EMA.update()` (eager PyTorch,
 as the study ran it). It reports images/s (median over repeated blocks of steps, with the
-spread), XLA's FLOP count of the compiled step and the MFU it implies, the peak memory,
+spread), the step's model FLOPs (XLA cost analysis, see `common.cpu_model_flops`) and the
+MFU they imply, the peak memory,
 the time the study's 11 epochs would take at this rate, and appends the table to
 bench/RESULTS.md.
 
@@ -44,6 +45,9 @@ def parse_args(argv):
   parser.add_argument('--repeats', type=int, default=5, help='Timed blocks per framework.')
   parser.add_argument('--torch_repeats', type=int, default=None,
                       help='Timed blocks for torch (default: --repeats).')
+  parser.add_argument('--check_attention', action='store_true',
+                      help='Also report how far the U-Net output with the chosen attention '
+                           'kernel is from the einsum reference on one batch.')
   parser.add_argument('--no_torch_flops', dest='torch_flops', action='store_false',
                       help='Skip counting torch FLOPs (one extra eager step under '
                            'torch.utils.flop_counter).')
@@ -85,8 +89,16 @@ def run_jax(args, config) -> dict:
   start = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  flops = common.flops_from_cost_analysis(compiled)
+  # The model's FLOPs: the same step with einsum attention, analysed on the CPU.
+  einsum_config = config.copy_and_resolve_references()
+  einsum_config.model.attention_impl = 'einsum'
+  flops = common.cpu_model_flops(
+      train_lib.make_train_step(einsum_config, train_lib.create_model(einsum_config.model),
+                                tx, schedule, learning_rate_fn), state, batch)
 
+  attention_gap = None
+  if args.check_attention:
+    attention_gap = attention_difference(config, state.params, images)
   holder = {'state': state}
 
   def run_block(steps):
@@ -106,7 +118,21 @@ def run_jax(args, config) -> dict:
   del metrics
   memory, memory_kind = common.jax_peak_memory()
   return dict(timing=timing, compile_s=compile_s, flops=flops, memory=memory,
-              memory_kind=memory_kind, params=num_params, loss=loss)
+              memory_kind=memory_kind, params=num_params, loss=loss,
+              attention_gap=attention_gap)
+
+
+def attention_difference(config, params, images: np.ndarray) -> float:
+  """max |out - out_einsum| / max |out_einsum| of the U-Net on `images` at t = T/2."""
+  t = jnp.full((images.shape[0],), config.diffusion.timesteps // 2, jnp.int32)
+  outputs = []
+  for impl in (config.model.attention_impl, 'einsum'):
+    model_config = config.model.copy_and_resolve_references()
+    model_config.attention_impl = impl
+    model = train_lib.create_model(model_config)
+    outputs.append(np.asarray(jax.jit(model.apply)({'params': params}, images, t),
+                              np.float64))
+  return float(np.abs(outputs[0] - outputs[1]).max() / np.abs(outputs[1]).max())
 
 
 def run_torch(args, config) -> dict:
@@ -199,10 +225,17 @@ def main(argv):
       f'Timing: {args.warmup_steps} warm-up steps after compilation, then {args.repeats} '
       f'blocks of {args.steps_per_repeat} steps, each synchronised at its end; '
       'step = block time / steps.',
-      'FLOP/step: XLA cost analysis of the compiled step (JAX); '
+      f'JAX full attention: {train_lib.attention_impl(args.attention_impl, args.precision)}.',
+      'FLOP/step: XLA cost analysis of the un-optimised step lowered for the CPU (JAX; '
+      'counts the convolutions the GPU program hides in cuDNN calls); '
       'torch.utils.flop_counter over one step (torch). MFU: against '
       + (f'{peak:g} TFLOP/s' if peak else 'no peak (CPU)') + '.',
       f'Peak memory: JAX {jax_result["memory_kind"]}.',
+  ]
+  if jax_result['attention_gap'] is not None:
+    notes.append('U-Net output with this attention kernel vs einsum (same params, one '
+                 f'batch): max abs difference / max abs = {jax_result["attention_gap"]:.2e}.')
+  notes += [
       f'study 11 epochs: {study_steps():,} steps x {common.STUDY_BATCH} images '
       '(11 x floor(45,753 / 8)) at the measured images/s of this batch size.',
   ]

@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.full_attn = ()  # Per stage; empty means full attention in the innermost only.
   model.self_condition = False
   model.dtype = 'bfloat16'  # Compute dtype; params stay float32.
+  # Full attention's kernel: einsum (exact, any backend), cudnn (fused flash attention,
+  # NVIDIA GPU + bfloat16; needed for large batches), auto (cudnn where it applies).
+  model.attention_impl = 'auto'
 
   # --- diffusion: schedule, objective and loss.
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -2,9 +2,11 @@
 
 import os
 
+import jax
 import ml_collections
 
 from eo_ddpm_jax import schedules
+from eo_ddpm_jax import unet
 
 SAMPLERS = ('ddpm', 'ddim')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -31,6 +33,14 @@ def check_model_and_diffusion(config: ml_collections.ConfigDict) -> None:
   _require(d.timesteps >= 1, f'diffusion.timesteps={d.timesteps} must be >= 1.')
   _require(m.dtype in COMPUTE_DTYPES,
            f'model.dtype={m.dtype!r} is unknown; valid values: {", ".join(COMPUTE_DTYPES)}.')
+  impls = ('auto',) + unet.ATTENTION_IMPLS
+  _require(m.attention_impl in impls,
+           f'model.attention_impl={m.attention_impl!r} is unknown; valid values: '
+           f'{", ".join(impls)}.')
+  _require(m.attention_impl != 'cudnn' or (m.dtype == 'bfloat16'
+                                          and jax.default_backend() == 'gpu'),
+           f'model.attention_impl=\'cudnn\' needs an NVIDIA GPU and model.dtype=bfloat16 '
+           f'(here: {jax.default_backend()}, {m.dtype}); use auto or einsum.')
   for key, value in (('train.grid_sampler', config.train.grid_sampler),
                      ('sample.sampler', config.sample.sampler)):
     _require(value in SAMPLERS,

@@ -279,6 +279,15 @@ def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Sc
                                  **params)
 
 
+def attention_impl(name: str, dtype_name: str, backend: str | None = None) -> str:
+  """`model.attention_impl` resolved: 'auto' -> 'cudnn' (fused flash attention) for
+  bfloat16 on a GPU, else 'einsum'; 'einsum' and 'cudnn' pass through."""
+  if name != 'auto':
+    return name
+  backend = backend or jax.default_backend()
+  return 'cudnn' if backend == 'gpu' and dtype_name == 'bfloat16' else 'einsum'
+
+
 def create_model(model_config: ml_collections.ConfigDict) -> flax.linen.Module:
   """The U-Net named by the `model` config group, with its typed arguments."""
   return unet.UNet(
@@ -288,5 +297,6 @@ def create_model(model_config: ml_collections.ConfigDict) -> flax.linen.Module:
       attn_heads=model_config.attn_heads, attn_dim_head=model_config.attn_dim_head,
       full_attn=tuple(model_config.full_attn) or None,
       self_condition=model_config.self_condition,
+      attention_impl=attention_impl(model_config.attention_impl, model_config.dtype),
       dtype=model_dtype(model_config.dtype))
 

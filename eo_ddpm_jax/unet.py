@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 Dtype = Any
+# Kernels for full attention (see `_AttentionSettings`).
+ATTENTION_IMPLS = ('einsum', 'cudnn')
 
 
 def _at_least_f32(dtype: Dtype) -> Dtype:
@@ -145,10 +147,18 @@ def _with_memory(mem_kv: jax.Array, k: jax.Array, v: jax.Array, dtype: Dtype):
 
 
 class _AttentionSettings(nn.Module):
-  """The settings both attentions share (library defaults)."""
+  """The settings both attentions share (library defaults).
+
+  `impl` chooses how full attention runs: 'einsum' materialises the logits in >= float32
+  (exact, any backend, the reference); 'cudnn' is jax.nn.dot_product_attention's fused
+  flash kernel (NVIDIA GPUs, bfloat16/float16), which never stores the [B, heads, N, N]
+  logits: at batch 256 and 32x32 tokens those are 4 GiB per layer. Linear attention
+  ignores it.
+  """
   heads: int = 4
   dim_head: int = 32
   num_mem_kv: int = 4
+  impl: str = 'einsum'
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -204,12 +214,19 @@ class Attention(_AttentionSettings):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = self.heads * self.dim_head
     q, k, v = _normed_qkv_with_memory(self, x)
-    # Logits and softmax in >= float32 (jax.nn.dot_product_attention would force
-    # float32 even under x64, which the float64 equivalence test needs to avoid).
-    stat_dtype = _at_least_f32(self.dtype)
-    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=stat_dtype)
-    probs = jax.nn.softmax(logits * self.dim_head**-0.5, axis=-1).astype(self.dtype)
-    out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    scale = self.dim_head**-0.5
+    if self.impl == 'cudnn':
+      out = jax.nn.dot_product_attention(q, k, v, scale=scale, implementation='cudnn')
+    elif self.impl == 'einsum':
+      # Logits and softmax in >= float32 (jax.nn.dot_product_attention's XLA path
+      # forces float32 even under x64, which the float64 equivalence test avoids).
+      stat_dtype = _at_least_f32(self.dtype)
+      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=stat_dtype)
+      probs = jax.nn.softmax(logits * scale, axis=-1).astype(self.dtype)
+      out = jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+    else:
+      raise ValueError(f'Attention impl={self.impl!r} is unknown; valid values: '
+                       f'{", ".join(ATTENTION_IMPLS)}.')
     return nn.Conv(c, (1, 1), name='to_out', **kw)(out.reshape(b, h, w, hidden))
 
 
@@ -246,6 +263,8 @@ class UNet(nn.Module):
       all stages; None, () or False give the library's default: full attention in
       the innermost stage only (the middle always uses full attention).
     num_mem_kv: learned memory key/values per attention layer (fixed 4 in the library).
+    attention_impl: full attention's kernel, 'einsum' or 'cudnn' (see
+      `_AttentionSettings`); the outputs agree to the compute dtype's rounding.
     dtype: compute dtype; params are `param_dtype` (float32).
   """
   dim: int
@@ -261,6 +280,7 @@ class UNet(nn.Module):
   attn_dim_head: int | Sequence[int] = 32
   full_attn: bool | Sequence[bool] | None = None
   num_mem_kv: int = 4
+  attention_impl: str = 'einsum'
   time_dim_mult: int = 4  # Time embedding width is dim * time_dim_mult.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -301,8 +321,11 @@ class UNet(nn.Module):
     resnet = functools.partial(ResnetBlock, groups=self.resnet_block_groups, **kw)
 
     def attention(stage, name):
-      klass = Attention if full_attn[stage] else LinearAttention
-      return klass(heads[stage], dim_heads[stage], self.num_mem_kv, name=name, **kw)
+      if full_attn[stage]:
+        return Attention(heads[stage], dim_heads[stage], self.num_mem_kv,
+                         self.attention_impl, name=name, **kw)
+      return LinearAttention(heads[stage], dim_heads[stage], self.num_mem_kv, name=name,
+                             **kw)
 
     if self.self_condition:
       if x_self_cond is None:
@@ -331,7 +354,8 @@ class UNet(nn.Module):
         x = nn.Conv(dim_out, (3, 3), padding=1, name=f'downs_{i}_downsample', **kw)(x)
 
     x = resnet(dims[-1], name='mid_block1')(x, temb)
-    x = Attention(heads[-1], dim_heads[-1], self.num_mem_kv, name='mid_attn', **kw)(x) + x
+    x = Attention(heads[-1], dim_heads[-1], self.num_mem_kv, self.attention_impl,
+                  name='mid_attn', **kw)(x) + x
     x = resnet(dims[-1], name='mid_block2')(x, temb)
 
     for j, (dim_in, dim_out) in enumerate(reversed(in_out)):

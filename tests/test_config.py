@@ -7,6 +7,7 @@ import pytest
 from configs import default
 from eo_ddpm_jax import config_check
 from eo_ddpm_jax import train
+from eo_ddpm_jax import train_step
 
 
 @pytest.mark.parametrize('name', ['linear', 'cosine', 'sigmoid'])
@@ -65,3 +66,29 @@ def test_train_rejects_bad_config_before_any_compute(tmp_path):
   with pytest.raises(config_check.ConfigError, match='diffusion.schedule'):
     train.train_and_evaluate(config, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()  # Nothing was written either.
+
+
+@pytest.mark.parametrize('impl, dtype, pattern', [
+    ('flash', 'bfloat16',
+     r"model.attention_impl='flash' is unknown; valid values: auto, einsum, cudnn"),
+    # This machine is a CPU: the fused kernel is refused before any compute.
+    ('cudnn', 'bfloat16', r"model.attention_impl='cudnn' needs an NVIDIA GPU .* \(here: cpu"),
+    ('cudnn', 'float32', r"needs an NVIDIA GPU and model.dtype=bfloat16 .*float32"),
+])
+def test_attention_impl_errors_name_key_and_fix(impl, dtype, pattern):
+  config = default.get_config()
+  config.model.attention_impl, config.model.dtype = impl, dtype
+  with pytest.raises(config_check.ConfigError, match=pattern):
+    config_check.check_config(config, num_devices=1, need_data=False)
+
+
+@pytest.mark.parametrize('name, dtype, backend, expected', [
+    ('auto', 'bfloat16', 'gpu', 'cudnn'),
+    ('auto', 'float32', 'gpu', 'einsum'),  # cuDNN's fused kernel is 16-bit only.
+    ('auto', 'bfloat16', 'cpu', 'einsum'),
+    ('auto', 'bfloat16', 'tpu', 'einsum'),
+    ('einsum', 'bfloat16', 'gpu', 'einsum'),
+])
+def test_auto_attention_picks_the_fused_kernel_only_where_it_runs(name, dtype, backend,
+                                                                  expected):
+  assert train_step.attention_impl(name, dtype, backend) == expected
