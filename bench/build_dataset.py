@@ -3,7 +3,7 @@
   python bench/build_dataset.py [--num_scenes=4] [--patches_per_scene=16] [--workers=0,2]
 
 Prints one table row per (source, config, workers). The first build of a source
-warms the file cache; times include TFDS writing (zlib encoding, shuffling).
+warms the file cache; times include TFDS writing (array_record compression, shuffling).
 """
 
 import argparse

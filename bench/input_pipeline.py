@@ -7,7 +7,7 @@ inside a jitted function on the JAX default backend. Prints a table and appends
 it to bench/RESULTS.md with the machine, versions and command.
 
 Source: an in-memory list of random uint16 [256, 256, 3] patches (no decoding),
-or with --data_dir a built TFDS dataset (array_record, zlib-decoded per read).
+or with --data_dir a built TFDS dataset (array_record; each read decompresses one record).
 
   python -m bench.input_pipeline --workers=0,1,2
   python -m bench.input_pipeline --data_dir=data/demo/tfds --workers=0,1,2

@@ -115,7 +115,8 @@ def _assert_fails_cleanly(manual_dir, data_dir, *must_contain):
   for text in must_contain:
     assert str(text) in str(error.value)
   # TFDS renames its temporary folder only on success: nothing complete-looking.
-  assert not (pathlib.Path(data_dir) / 'sen12ms' / 'summer_rgb' / '1.0.0').exists()
+  assert not (pathlib.Path(data_dir) / 'sen12ms' / 'summer_rgb' /
+              str(sen12ms.Sen12ms.VERSION)).exists()
   assert not list(pathlib.Path(data_dir).rglob('dataset_info.json'))
   return str(error.value)
 
