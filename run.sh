@@ -3,6 +3,8 @@
 #   ./run.sh setup                 create .venv and install the package with extras
 #   ./run.sh demo                  synthetic SEN12MS -> TFDS -> train configs/demo.py -> samples
 #   ./run.sh test [pytest args]    the test suite
+#   ./run.sh compare               demo data -> configs/demo.py with each schedule -> evaluate
+#                                  -> runs/demo_report/report.html (about 35 min on 2 cores)
 #   ./run.sh paper --manual_dir=DIR [--data_dir=DIR]   the study: linear, cosine, sigmoid runs
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -31,20 +33,42 @@ ensure_setup() {
   fi
 }
 
-demo() {
-  local data=data/demo workdir=runs/demo
+demo_data() {
+  local data=data/demo
   # 1. Synthetic SEN12MS in the real layout (embedded default data).
   if [[ ! -d "$data/raw/ROIs1868_summer" ]]; then
     "$PY" -m tfds_sen12ms.synthetic --out_dir="$data/raw" --num_scenes=12 --patches_per_scene=40
   fi
   # 2. Through the TFDS builder, as real SEN12MS would go.
   "$PY" -m tfds_sen12ms.build --manual_dir="$data/raw" --data_dir="$data/tfds" --config=summer_rgb
+}
+
+demo() {
+  local data=data/demo workdir=runs/demo
+  demo_data
   # 3. Train the demo config, then sample from its EMA weights.
   "$PY" -m eo_ddpm_jax.main --config=configs/demo.py --workdir="$workdir" \
     --config.data.data_dir="$data/tfds" "$@"
   "$PY" -m eo_ddpm_jax.main --config=configs/demo.py --workdir="$workdir" --mode=sample \
     --config.data.data_dir="$data/tfds"
   echo "[run.sh] demo done: see $workdir (samples/, checkpoints/, metrics.jsonl, TensorBoard events)"
+}
+
+compare() {
+  # The study's comparison in miniature: the demo config with each schedule, evaluated,
+  # then one report over the three runs.
+  local data=data/demo runs=()
+  demo_data
+  for schedule in linear cosine sigmoid; do
+    local args=(--config=configs/demo.py --workdir="runs/demo_$schedule"
+                --config.data.data_dir="$data/tfds" --config.diffusion.schedule="$schedule")
+    "$PY" -m eo_ddpm_jax.main "${args[@]}"
+    "$PY" -m eo_ddpm_jax.main "${args[@]}" --mode=evaluate
+    runs+=("runs/demo_$schedule")
+  done
+  "$PY" -m eo_ddpm_jax.main --config=configs/demo.py --workdir=runs/demo_report --mode=report \
+    --config.data.data_dir="$data/tfds" --report_workdirs="$(IFS=,; echo "${runs[*]}")"
+  echo "[run.sh] compare done: see runs/demo_report/report.html"
 }
 
 paper() {
@@ -73,6 +97,7 @@ case "$cmd" in
   setup) setup ;;
   demo) ensure_setup; demo "$@" ;;
   test) ensure_setup; "$PY" -m pytest -q "$@" ;;
+  compare) ensure_setup; compare ;;
   paper) ensure_setup; paper "$@" ;;
-  *) echo "usage: ./run.sh {setup|demo|test|paper --manual_dir=DIR}" >&2; exit 2 ;;
+  *) echo "usage: ./run.sh {setup|demo|test|compare|paper --manual_dir=DIR}" >&2; exit 2 ;;
 esac

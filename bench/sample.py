@@ -1,16 +1,19 @@
-"""Sampling speed: the project's jitted DDPM / DDIM loops beside denoising-diffusion-pytorch.
+"""Sampling speed: the project's jitted samplers beside denoising-diffusion-pytorch.
 
-Times `eo_ddpm_jax.diffusion.ddpm_sample` (ancestral, all T steps, one fori_loop) and
-`ddim_sample` (50 steps, one scan) for a batch of 25 images (the study's 5x5 grid), each
-compiled once; with --compare-torch, the library's `GaussianDiffusion.sample` on the same
-device (`p_sample_loop`, and `ddim_sample` via `sampling_timesteps`). Reports seconds per
+Times `eo_ddpm_jax.diffusion.ddpm_sample` (ancestral, all T steps, one fori_loop),
+`ddim_sample` (50 steps, one scan) and `dpm_solver.dpm_solver_2m_sample` (DPM-Solver++(2M),
+25 steps, one scan) for a batch of 25 images (the study's 5x5 grid), each compiled once;
+with --compare-torch, the library's `GaussianDiffusion.sample` on the same device
+(`p_sample_loop`, and `ddim_sample` via `sampling_timesteps`; the library has no
+DPM-Solver). Reports seconds per
 25 images and per step (median over repeats, with the spread), the U-Net forward's FLOPs
 per step (XLA cost analysis) and the MFU they imply, peak memory, and the JAX / torch
 ratio; appends the table to bench/RESULTS.md.
 
 A step costs the same whatever T is, so slow machines can time fewer steps and
 extrapolate: --ddpm_num_steps=20 runs the same loop over a 20-step schedule,
---ddim_num_steps=10 a 10-step DDIM; the table says when it extrapolates.
+--ddim_num_steps=10 a 10-step DDIM, --dpm_num_steps=5 a 5-step DPM-Solver; the table says
+when it extrapolates.
 
   python -m bench.sample --dim 32 --image_size 64 --ddpm_num_steps 20 --compare-torch
 """
@@ -28,10 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from eo_ddpm_jax import diffusion
+from eo_ddpm_jax import dpm_solver
 from eo_ddpm_jax import schedules
 from eo_ddpm_jax import train_step as train_lib
 
-SAMPLERS = ('ddpm', 'ddim')
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')
+# Samplers the library 1.10.12 has (GaussianDiffusion.sample).
+TORCH_SAMPLERS = ('ddpm', 'ddim')
 
 
 def parse_args(argv):
@@ -39,9 +45,13 @@ def parse_args(argv):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   common.add_model_flags(parser)
   parser.add_argument('--num_images', type=int, default=25, help='Images per sample run.')
-  parser.add_argument('--samplers', default='ddpm,ddim', help='Comma-separated subset of '
+  parser.add_argument('--samplers', default='ddpm,ddim,dpm_solver', help='Comma-separated subset of '
                       + ', '.join(SAMPLERS) + '.')
   parser.add_argument('--ddim_steps', type=int, default=50, help='DDIM steps of a real run.')
+  parser.add_argument('--dpm_steps', type=int, default=25,
+                      help='DPM-Solver++(2M) steps of a real run.')
+  parser.add_argument('--dpm_num_steps', type=int, default=0,
+                      help='DPM-Solver steps to time (0: --dpm_steps); fewer are extrapolated.')
   parser.add_argument('--ddpm_num_steps', type=int, default=0,
                       help='DDPM steps to time (0: all T); fewer are extrapolated to T.')
   parser.add_argument('--torch_ddpm_num_steps', type=int, default=0,
@@ -64,6 +74,8 @@ def plan(args, sampler: str, framework: str = 'jax') -> tuple[int, int]:
     if framework == 'torch' and args.torch_ddpm_num_steps:
       return args.torch_ddpm_num_steps, args.timesteps
     return args.ddpm_num_steps or args.timesteps, args.timesteps
+  if sampler == 'dpm_solver':
+    return args.dpm_num_steps or args.dpm_steps, args.dpm_steps
   return args.ddim_num_steps or args.ddim_steps, args.ddim_steps
 
 
@@ -98,6 +110,9 @@ def run_jax(args, config, sampler: str, model, params) -> dict:
     if sampler == 'ddpm':
       return diffusion.ddpm_sample(denoise_fn, schedule, shape, rng,
                                    objective=dconf.objective)
+    if sampler == 'dpm_solver':
+      return dpm_solver.dpm_solver_2m_sample(denoise_fn, schedule, shape, rng,
+                                             num_steps=steps, objective=dconf.objective)
     return diffusion.ddim_sample(denoise_fn, schedule, shape, rng, num_steps=steps,
                                  eta=config.sample.ddim_eta, objective=dconf.objective)
 
@@ -170,7 +185,8 @@ def row(name, sampler, args, result, flops_per_step, peak_tflops):
                                        if steps != full_steps else '')
   achieved = flops_per_step / timing.median / 1e12 if flops_per_step else None
   mfu = f'{achieved / peak_tflops:.1%}' if achieved and peak_tflops else 'n/a'
-  return [name, f'{sampler.upper()} {full_steps}', args.precision,
+  label = {'dpm_solver': 'DPM-Solver++(2M)'}.get(sampler, sampler.upper())
+  return [name, f'{label} {full_steps}', args.precision,
           f'{result["compile_s"]:.1f} s' if result['compile_s'] is not None else '-',
           per_run_text, f'{timing.median * 1e3:.2f} ms', timing.spread,
           f'{achieved:.2f}' if achieved else 'n/a', mfu, common.format_bytes(result['memory'])]
@@ -226,7 +242,7 @@ def main(argv):
     jax_result = run_jax(args, config, sampler, model, params)
     rows.append(row('JAX (eo_ddpm_jax)', sampler, args, jax_result, flops, peak))
     print(common.markdown_table(HEADERS, rows[-1:]), flush=True)
-    if torch_env is None:
+    if torch_env is None or sampler not in TORCH_SAMPLERS:
       continue
     try:
       torch_result = run_torch(args, sampler, torch_env)

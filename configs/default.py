@@ -53,7 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- diffusion: schedule, objective and loss.
   config.diffusion = diffusion = ml_collections.ConfigDict()
-  diffusion.schedule = 'sigmoid'  # One of linear, cosine, sigmoid.
+  diffusion.schedule = 'sigmoid'  # One of linear, cosine, sigmoid, custom.
+  diffusion.betas_file = ''  # custom only: .npy of the [timesteps] betas (float64).
   diffusion.timesteps = 500
   diffusion.cosine_s = 0.008
   diffusion.sigmoid_start = -3.0
@@ -93,7 +94,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.keep_checkpoints = 3  # Last K step checkpoints; epoch ones are kept too.
   train.keep_epoch_checkpoints = True
   train.num_grid_samples = 25  # 5x5 EMA sample grid after each epoch.
-  train.grid_sampler = 'ddpm'  # ddpm (all T steps) or ddim (train.grid_ddim_steps).
+  # ddpm (all T steps), ddim or dpm_solver (DPM-Solver++(2M)): train.grid_ddim_steps steps.
+  train.grid_sampler = 'ddpm'
   train.grid_ddim_steps = 50
   train.grid_clip_denoised = True
   train.progress_bar = True  # tqdm bar on the first host.
@@ -103,10 +105,42 @@ def get_config() -> ml_collections.ConfigDict:
   config.sample = sample = ml_collections.ConfigDict()
   sample.num_samples = 25
   sample.batch_size = 25
-  sample.sampler = 'ddpm'  # ddpm (all T steps) or ddim.
-  sample.ddim_steps = 50
+  sample.sampler = 'ddpm'  # ddpm (all T steps), ddim or dpm_solver.
+  sample.ddim_steps = 50  # Steps of ddim and dpm_solver.
   sample.ddim_eta = 0.0
   sample.checkpoint_step = -1  # -1: the latest.
   sample.clip_denoised = True
   sample.seed_offset = 1  # Sampling rng = fold_in(PRNGKey(seed), seed_offset).
+  sample.progress_bar = True
+
+  # --- eval: --mode=evaluate, metrics of the EMA samples of saved checkpoints.
+  config.eval = ev = ml_collections.ConfigDict()
+  ev.checkpoint_steps = ()  # Steps to evaluate; empty: every epoch-end checkpoint.
+  ev.num_samples = 5000  # Generated images per checkpoint.
+  ev.batch_size = 250  # Images per sampler call, over all devices (rounded up to them).
+  # DPM-Solver++(2M) takes 25 denoiser calls where DDPM takes T = 500, so every epoch
+  # can be scored; set ddpm to score the study's own sampler.
+  ev.sampler = 'dpm_solver'  # ddpm (all T steps), ddim or dpm_solver.
+  ev.steps = 25  # Steps of ddim and dpm_solver.
+  ev.ddim_eta = 0.0
+  ev.clip_denoised = True
+  ev.seed_offset = 2  # Sampling rng = fold_in(PRNGKey(seed), seed_offset), every step.
+  ev.split = 'train+test'  # TFDS split of the real patches (not flipped).
+  ev.num_real = 5000  # Real patches, a seeded random subset (at most the split's size).
+  # pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or an .npz converted from it;
+  # empty: FID and KID are skipped (null in eval.json).
+  ev.inception_weights = ''
+  ev.inception_batch_size = 50  # pytorch-fid's default.
+  ev.kid_num_subsets = 100  # KID: subsets and their size (torch-fidelity's defaults).
+  ev.kid_subset_size = 1000
+  ev.num_grid_samples = 25  # The first samples, saved as samples/eval_samples_<step>.png.
+  ev.save_samples = False  # Also write every sample and real patch as .npy (large).
+  ev.progress_bar = True
+
+  # --- report: --mode=report over several run directories.
+  config.report = report = ml_collections.ConfigDict()
+  report.loss_smoothing = 0.6  # TensorBoard's default weight of its debiased EMA.
+  report.raw_loss_alpha = 0.25  # Opacity of the raw loss drawn under the smoothed one.
+  report.num_real_grid = 25  # Real patches in the grid beside the samples.
+  report.dpi = 120  # Resolution of the PNG figures.
   return config

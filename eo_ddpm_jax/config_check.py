@@ -4,11 +4,12 @@ import os
 
 import jax
 import ml_collections
+import numpy as np
 
 from eo_ddpm_jax import schedules
 from eo_ddpm_jax import unet
 
-SAMPLERS = ('ddpm', 'ddim')
+SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 
 
@@ -21,12 +22,27 @@ def _require(condition: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def _check_betas_file(d: ml_collections.ConfigDict) -> None:
+  """The `custom` schedule's .npy file exists and holds [diffusion.timesteps] betas."""
+  _require(os.path.isfile(d.betas_file),
+           f'diffusion.betas_file={d.betas_file!r} is not a file; diffusion.schedule='
+           f'{schedules.CUSTOM_SCHEDULE!r} needs a .npy file of the betas (an imported run '
+           f'keeps it as <workdir>/betas.npy).')
+  shape = np.load(d.betas_file, mmap_mode='r').shape  # Reads the header only.
+  _require(shape == (d.timesteps,),
+           f'diffusion.betas_file={d.betas_file!r} holds shape {shape}, but '
+           f'diffusion.timesteps={d.timesteps}: they must agree.')
+
+
 def check_model_and_diffusion(config: ml_collections.ConfigDict) -> None:
   """Checks schedule, objective, samplers, dtype and U-Net/image-size compatibility."""
   d, m = config.diffusion, config.model
-  _require(d.schedule in schedules.SCHEDULES,
+  names = (*schedules.SCHEDULES, schedules.CUSTOM_SCHEDULE)
+  _require(d.schedule in names,
            f'diffusion.schedule={d.schedule!r} is unknown; valid values: '
-           f'{", ".join(schedules.SCHEDULES)}.')
+           f'{", ".join(names)}.')
+  if d.schedule == schedules.CUSTOM_SCHEDULE:
+    _check_betas_file(d)
   _require(d.objective in schedules.OBJECTIVES,
            f'diffusion.objective={d.objective!r} is unknown; valid values: '
            f'{", ".join(schedules.OBJECTIVES)}.')
@@ -42,7 +58,8 @@ def check_model_and_diffusion(config: ml_collections.ConfigDict) -> None:
            f'model.attention_impl=\'cudnn\' needs an NVIDIA GPU and model.dtype=bfloat16 '
            f'(here: {jax.default_backend()}, {m.dtype}); use auto or einsum.')
   for key, value in (('train.grid_sampler', config.train.grid_sampler),
-                     ('sample.sampler', config.sample.sampler)):
+                     ('sample.sampler', config.sample.sampler),
+                     ('eval.sampler', config.eval.sampler)):
     _require(value in SAMPLERS,
              f'{key}={value!r} is unknown; valid values: {", ".join(SAMPLERS)}.')
   _require(len(m.dim_mults) >= 1, 'model.dim_mults must name at least one level.')
@@ -80,6 +97,39 @@ def check_batching(config: ml_collections.ConfigDict, num_devices: int,
            f'train.num_grid_samples={t.num_grid_samples} must be >= 1.')
 
 
+# Per mode: the config keys of its sampler and of that sampler's step count.
+_SAMPLER_KEYS = {'train': ('train.grid_sampler', 'train.grid_ddim_steps'),
+                 'sample': ('sample.sampler', 'sample.ddim_steps'),
+                 'eval': ('eval.sampler', 'eval.steps')}
+
+
+def check_sampler_steps(config: ml_collections.ConfigDict, mode: str) -> None:
+  """Checks that the sampler of `mode` (train, sample, eval) has 1 <= steps <= T."""
+  sampler_key, steps_key = _SAMPLER_KEYS[mode]
+  sampler, steps = config[sampler_key], config[steps_key]
+  timesteps = config.diffusion.timesteps
+  _require(sampler == 'ddpm' or 1 <= steps <= timesteps,
+           f'{steps_key}={steps} must be in [1, {timesteps}] (diffusion.timesteps) for '
+           f'{sampler_key}={sampler!r}.')
+
+
+def check_eval(config: ml_collections.ConfigDict) -> None:
+  """Checks the `eval` group: sample and real-patch counts, batch sizes, FID weights."""
+  e = config.eval
+  # FID's covariance and KID's unbiased MMD need two images of a set; the real-vs-real
+  # floors compare two halves of the reals.
+  _require(e.num_samples >= 2, f'eval.num_samples={e.num_samples} must be >= 2.')
+  _require(e.num_real >= 4, f'eval.num_real={e.num_real} must be >= 4.')
+  for key in ('batch_size', 'inception_batch_size', 'num_grid_samples', 'kid_num_subsets'):
+    _require(e[key] >= 1, f'eval.{key}={e[key]} must be >= 1.')
+  _require(e.kid_subset_size >= 2, f'eval.kid_subset_size={e.kid_subset_size} must be >= 2.')
+  _require(not e.inception_weights or os.path.isfile(e.inception_weights),
+           f'eval.inception_weights={e.inception_weights!r} is not a file. Download '
+           f'pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth (or convert it to .npz '
+           f'with eo_ddpm_jax.inception.convert_fid_inception_weights), or set it to \'\' '
+           f'to skip FID and KID.')
+
+
 def check_data(data_config: ml_collections.ConfigDict) -> None:
   """Checks that the built TFDS dataset exists under data.data_dir."""
   name, _, builder_config = data_config.dataset.partition('/')
@@ -95,6 +145,7 @@ def check_config(config: ml_collections.ConfigDict, *, num_devices: int,
                  num_processes: int = 1, need_data: bool = True) -> None:
   """All checks; raises ConfigError on the first problem."""
   check_model_and_diffusion(config)
+  check_sampler_steps(config, 'train')
   check_batching(config, num_devices, num_processes)
   if need_data:
     check_data(config.data)

@@ -16,7 +16,10 @@ use the schedule's SNR. b = 1 is exactly the library.
 
 Randomness of the samplers: `rng` splits into (init, step) keys; x_T ~ N(0, I) from the
 init key and the fresh noise of loop iteration i (0-based, from t = T-1 downwards) from
-`fold_in(step_key, i)` (see `_initial_noise`, `_step_noise`).
+`fold_in(step_key, i)` (see `_initial_noise`, `_step_noise`). `rng` may also hold one key
+per image (uint32 [B, 2], or typed keys [B]): image b's noise then comes from rng[b] alone,
+exactly as a run of batch 1 with key rng[b] draws it, so an image does not depend on the
+batch it is sampled in (sampling.generate relies on this across batch sizes and devices).
 """
 
 from typing import Callable
@@ -251,16 +254,32 @@ def ddim_step(denoise_fn: DenoiseFn, schedule: Schedule, x_t, time, time_next, n
   return jnp.where(time_next < 0, x_start, x_next), x_start
 
 
+def _per_key(draw, rng, shape):
+  """draw(key, shape), or per image draw(rng[b], shape[1:]) when rng holds B keys."""
+  typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+  if rng.ndim == (0 if typed else 1):
+    return draw(rng, shape)
+  if rng.shape[0] != shape[0]:
+    raise ValueError(f'{rng.shape[0]} per-image keys for a batch of {shape[0]} images')
+  # A draw of shape [1, ...] and of [...] give the same values, so image b equals a
+  # batch-1 run with key rng[b].
+  return jax.vmap(lambda key: draw(key, shape[1:]))(rng)
+
+
 def _initial_noise(rng, shape, dtype):
-  """x_T of a sampler run with key rng."""
-  init_key, _ = jax.random.split(rng)
-  return jax.random.normal(init_key, shape, dtype)
+  """x_T of a sampler run with key rng (or one key per image)."""
+  def draw(key, key_shape):
+    init_key, _ = jax.random.split(key)
+    return jax.random.normal(init_key, key_shape, dtype)
+  return _per_key(draw, jnp.asarray(rng), shape)
 
 
 def _step_noise(rng, i, shape, dtype):
   """The fresh noise of loop iteration i (0-based) of a sampler run with key rng."""
-  _, step_key = jax.random.split(rng)
-  return jax.random.normal(jax.random.fold_in(step_key, i), shape, dtype)
+  def draw(key, key_shape):
+    _, step_key = jax.random.split(key)
+    return jax.random.normal(jax.random.fold_in(step_key, i), key_shape, dtype)
+  return _per_key(draw, jnp.asarray(rng), shape)
 
 
 def ddpm_sample(denoise_fn: DenoiseFn, schedule: Schedule, shape, rng, *,

@@ -117,6 +117,9 @@ SCHEDULES: dict[str, Callable[..., np.ndarray]] = {
     'cosine': cosine_beta_schedule,
     'sigmoid': sigmoid_beta_schedule,
 }
+# A schedule given by its betas instead of a name (e.g. an imported run's): configs name
+# a .npy file of them and `schedule_from_betas` derives the tables.
+CUSTOM_SCHEDULE = 'custom'
 
 
 def schedule_from_betas(betas: np.ndarray) -> Schedule:

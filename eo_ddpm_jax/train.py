@@ -20,6 +20,7 @@ from eo_ddpm_jax import checkpoints
 from eo_ddpm_jax import config_check
 from eo_ddpm_jax import input_pipeline
 from eo_ddpm_jax import metric_writer
+from eo_ddpm_jax import run_config
 from eo_ddpm_jax import sampling
 from eo_ddpm_jax import train_step as train_step_lib
 
@@ -34,9 +35,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> train_step_lib.TrainState:
   """Trains `config` in `workdir` (resuming if it holds checkpoints).
 
-  Writes `<workdir>/checkpoints/<step>`, `tensorboard/`, `metrics.jsonl` (one line per
-  logged step: loss, grad_norm, learning_rate, images_per_sec) and, after every epoch,
-  `samples/epoch_<NNN>.png`, a grid of `train.num_grid_samples` EMA samples.
+  Writes `<workdir>/config.json`, `checkpoints/<step>`, `tensorboard/`, `metrics.jsonl`
+  (one line per logged step: loss, grad_norm, learning_rate, images_per_sec) and, after
+  every epoch, `samples/epoch_<NNN>.png`, a grid of `train.num_grid_samples` EMA samples.
 
   Returns:
     The final TrainState.
@@ -53,6 +54,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   config_check.check_config(config, num_devices=jax.device_count(),
                             num_processes=jax.process_count())
   checkpoints.ensure_writable(workdir)
+  if jax.process_index() == 0:
+    run_config.save_config(config, workdir)  # For --mode=report.
 
   # --- Data source and the length of the run.
   source = input_pipeline.make_source(config.data)
@@ -88,6 +91,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   else:
     state, data_state, start_step = restored
     logging.info('Resuming from step %d (%s).', start_step, checkpoints.latest_path(manager))
+    if data_state is None:  # An imported checkpoint (torch_import) has no data position.
+      logging.info('The checkpoint holds no data iterator state: data order starts afresh.')
+    if start_step >= total_steps:
+      logging.warning('Nothing to train: the checkpoint is at step %d, the run ends at %d. '
+                      'Raise train.num_epochs or train.max_steps.', start_step, total_steps)
 
   # --- Input iterator, positioned after the last batch the restored state saw.
   dataset = input_pipeline.create_train_dataset(
@@ -106,7 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                                                    batch_sharding)
   grid_fn = sampling.make_sample_fn(
       config, model, schedule, sampler=t.grid_sampler, batch_size=t.num_grid_samples,
-      ddim_steps=t.grid_ddim_steps, eta=config.sample.ddim_eta,
+      num_steps=t.grid_ddim_steps, eta=config.sample.ddim_eta,
       clip_denoised=t.grid_clip_denoised)
   grid_rng = jax.random.fold_in(rng, config.sample.seed_offset)
 

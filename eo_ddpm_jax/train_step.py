@@ -267,7 +267,17 @@ def model_dtype(name: str) -> jnp.dtype:
 
 
 def create_schedule(diffusion_config: ml_collections.ConfigDict) -> schedules.Schedule:
-  """The float64 `Schedule` named by `diffusion.schedule`, with its parameters."""
+  """The float64 `Schedule` named by `diffusion.schedule`, with its parameters.
+
+  `custom` reads its betas ([timesteps] float64) from the .npy file `diffusion.betas_file`.
+  """
+  if diffusion_config.schedule == schedules.CUSTOM_SCHEDULE:
+    betas = np.load(diffusion_config.betas_file)
+    if betas.shape != (diffusion_config.timesteps,):
+      raise ValueError(f'diffusion.betas_file={diffusion_config.betas_file!r} holds betas '
+                       f'of shape {betas.shape}, not [diffusion.timesteps='
+                       f'{diffusion_config.timesteps}].')
+    return schedules.schedule_from_betas(betas)
   params = {
       'linear': {},
       'cosine': {'s': diffusion_config.cosine_s},

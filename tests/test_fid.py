@@ -112,3 +112,19 @@ def test_real_statistics_are_cached_by_key(tmp_path):
   assert len(calls) == 2
   with pytest.raises(ValueError, match='expected features of 7'):
     fid.cached_real_statistics(data_dir, 'train', 128, 7, compute)
+
+
+@pytest.mark.parametrize('count1, count2', [(300, 200), (6, 9), (5, 300)])
+def test_frechet_distance_of_features_equals_eigen_form_and_sqrtm(count1, count2):
+  rng = np.random.default_rng(count1)
+  dim = 16
+  features1 = rng.normal(size=(count1, dim)) @ rng.normal(size=(dim, dim))
+  features2 = rng.normal(size=(count2, dim)) @ rng.normal(size=(dim, dim)) + 0.5
+  stats1, stats2 = fid.feature_statistics(features1), fid.feature_statistics(features2)
+  ours = fid.frechet_distance_of_features(features1, features2)
+  # Exact, also for the rank-deficient covariances of fewer images than dimensions (where
+  # the eigen form takes square roots of rounding-level eigenvalues: ~1e-8 relative).
+  assert ours == pytest.approx(numpy_frechet(*stats1, *stats2), rel=1e-7)
+  if min(count1, count2) > dim:  # Full rank: pytorch-fid's sqrtm form agrees.
+    assert ours == pytest.approx(fid.frechet_distance(*stats1, *stats2), rel=1e-9)
+  assert fid.frechet_distance_of_features(features1, features1) == pytest.approx(0, abs=1e-8)

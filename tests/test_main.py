@@ -13,10 +13,24 @@ def _main(*args):
                         env=env, capture_output=True, text=True)
 
 
-def test_modes_not_implemented_yet_are_rejected_clearly(tmp_path):
+def test_evaluate_without_checkpoints_says_train_first(tmp_path):
   result = _main('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=evaluate')
   assert result.returncode != 0
-  assert '--mode=evaluate is not implemented yet; available: train, sample' in result.stderr
+  assert f'No checkpoint directory {tmp_path}/checkpoints; train first' in result.stderr
+
+
+def test_report_without_runs_names_the_flag(tmp_path):
+  result = _main('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=report')
+  assert result.returncode != 0
+  assert '--mode=report needs the runs to compare: --report_workdirs=DIR1,DIR2' in result.stderr
+
+
+def test_bad_eval_sampler_names_key_and_choices(tmp_path):
+  result = _main('--config=configs/demo.py', f'--workdir={tmp_path}', '--mode=evaluate',
+                 '--config.eval.sampler=euler')
+  assert result.returncode != 0
+  assert ("eval.sampler='euler' is unknown; valid values: ddpm, ddim, dpm_solver"
+          in result.stderr)
 
 
 def test_unknown_config_key_is_rejected(tmp_path):
