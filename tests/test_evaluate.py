@@ -31,11 +31,12 @@ from eo_ddpm_jax import metric_writer
 from eo_ddpm_jax import run_config
 from eo_ddpm_jax import sampling
 from eo_ddpm_jax import train_step as train_step_lib
+from tests import cli_helpers
 from tests import test_inception
 from tests.test_fid import numpy_frechet
 from tests.test_sampling import ATOL, random_params
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = cli_helpers.ROOT
 NUM_PATCHES, BATCH = 16, 4  # 4 steps per epoch.
 SAVED_STEPS = (4, 6, 8)  # Epoch ends 4 and 8, and a step inside epoch 2.
 NUM_SAMPLES, NUM_REAL = 5, 10
@@ -66,14 +67,7 @@ def cli_flags(data_dir, **extra):
 
 def build_dataset(base, env):
   """A real TFDS build (tfds_sen12ms builder) of NUM_PATCHES synthetic patches."""
-  for module, args in (
-      ('tfds_sen12ms.synthetic', ['--out_dir', str(base / 'raw'), '--num_scenes=2',
-                                  f'--patches_per_scene={NUM_PATCHES // 2}']),
-      ('tfds_sen12ms.build', ['--manual_dir', str(base / 'raw'), '--data_dir',
-                              str(base / 'tfds'), '--config=summer_rgb', '--num_workers=1'])):
-    subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-  return str(base / 'tfds')
+  return cli_helpers.build_synthetic_dataset(base, env, NUM_PATCHES)
 
 
 def ema_params(config, step):
@@ -100,11 +94,7 @@ def write_run(workdir, config, steps=SAVED_STEPS):
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
-          'JAX_COMPILATION_CACHE_DIR': str(cache),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+  return cli_helpers.subprocess_env(tmp_path_factory.mktemp('jax_cache'))
 
 
 @pytest.fixture(scope='module')

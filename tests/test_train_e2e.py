@@ -19,7 +19,9 @@ import orbax.checkpoint as ocp
 import pytest
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import cli_helpers
+
+ROOT = cli_helpers.ROOT
 NUM_PATCHES = 16  # 2 scenes x 8 patches, all in the 'train+test' split.
 BATCH = 4  # -> 4 steps per epoch.
 EPOCHS = 2
@@ -41,26 +43,13 @@ TINY = [  # A tiny U-Net on 16x16 with T = 20, small enough to compile quickly.
 
 @pytest.fixture(scope='module')
 def env(tmp_path_factory):
-  """Environment of the runs: the repo on the path, a shared compilation cache."""
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
-          'JAX_COMPILATION_CACHE_DIR': str(cache),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+  return cli_helpers.subprocess_env(tmp_path_factory.mktemp('jax_cache'))
 
 
 @pytest.fixture(scope='module')
 def data_dir(tmp_path_factory, env):
-  """A real TFDS build (tfds_sen12ms builder) of synthetic SEN12MS patches."""
-  base = tmp_path_factory.mktemp('sen12ms')
-  for module, args in (
-      ('tfds_sen12ms.synthetic', ['--out_dir', str(base / 'raw'), '--num_scenes=2',
-                                  f'--patches_per_scene={NUM_PATCHES // 2}']),
-      ('tfds_sen12ms.build', ['--manual_dir', str(base / 'raw'), '--data_dir',
-                              str(base / 'tfds'), '--config=summer_rgb', '--num_workers=1'])):
-    subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-  return str(base / 'tfds')
+  return cli_helpers.build_synthetic_dataset(tmp_path_factory.mktemp('sen12ms'), env,
+                                             NUM_PATCHES)
 
 
 def _command(workdir, data_dir, *extra, mode='train'):

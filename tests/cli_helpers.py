@@ -1,0 +1,29 @@
+"""Helpers of the tests that run the command line in subprocesses."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def subprocess_env(cache_dir) -> dict[str, str]:
+  """The environment of CLI runs: the repo on the path, CPU JAX and a compilation cache
+  shared by the runs (identical programs compile once, to the same binary)."""
+  return {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
+          'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0'}
+
+
+def build_synthetic_dataset(base, env, num_patches: int) -> str:
+  """Writes 2 synthetic scenes of num_patches / 2 patches under `base`/raw and builds them
+  with the tfds_sen12ms builder (the real TFDS path); returns the data_dir."""
+  for module, args in (
+      ('tfds_sen12ms.synthetic', ['--out_dir', str(base / 'raw'), '--num_scenes=2',
+                                  f'--patches_per_scene={num_patches // 2}']),
+      ('tfds_sen12ms.build', ['--manual_dir', str(base / 'raw'), '--data_dir',
+                              str(base / 'tfds'), '--config=summer_rgb', '--num_workers=1'])):
+    subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, check=True,
+                   capture_output=True)
+  return str(base / 'tfds')
