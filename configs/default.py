@@ -100,6 +100,11 @@ def get_config() -> ml_collections.ConfigDict:
   train.grid_clip_denoised = True
   train.progress_bar = True  # tqdm bar on the first host.
   train.distributed = False  # Call jax.distributed.initialize() (several hosts).
+  # With distributed: the coordinator 'host:port', the number of processes and this
+  # process's id. Empty/0/-1: detected from the cluster (SLURM, MPI, Cloud TPU, ...).
+  train.coordinator_address = ''
+  train.num_processes = 0
+  train.process_id = -1
 
   # --- sample: --mode=sample.
   config.sample = sample = ml_collections.ConfigDict()

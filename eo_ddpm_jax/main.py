@@ -73,6 +73,8 @@ def main(argv) -> None:
   if FLAGS.config is None and FLAGS.mode != 'import_torch':
     raise app.UsageError(f'--config is required for --mode={FLAGS.mode}, e.g. --config='
                          'configs/demo.py (an imported run: --config=<workdir>/config.py).')
+  if FLAGS.config is not None and FLAGS.config.train.distributed:
+    train.initialize_distributed(FLAGS.config.train)  # Before anything touches a device.
   logging.info('JAX devices: %s', jax.devices())
   modes = {'train': run_train, 'sample': run_sample, 'evaluate': run_evaluate,
            'report': run_report, 'import_torch': run_import_torch}

@@ -31,6 +31,27 @@ def _to_floats(metrics: dict[str, jax.Array]) -> dict[str, float]:
   return {name: float(value) for name, value in jax.device_get(metrics).items()}
 
 
+def initialize_distributed(train_config: ml_collections.ConfigDict) -> None:
+  """jax.distributed.initialize with the coordinator, process count and id of the config
+  where set (else the cluster's own detection). Must run before anything touches the
+  devices; a second call does nothing.
+
+  CPU processes exchange data through gloo: XLA's CPU client has no collectives between
+  processes otherwise (GPUs and TPUs use their own).
+  """
+  if jax.distributed.is_initialized():
+    return  # main.py initialises before it touches the devices; a library call here.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  kwargs = {}
+  if train_config.coordinator_address:
+    kwargs['coordinator_address'] = train_config.coordinator_address
+  if train_config.num_processes > 0:
+    kwargs['num_processes'] = train_config.num_processes
+  if train_config.process_id >= 0:
+    kwargs['process_id'] = train_config.process_id
+  jax.distributed.initialize(**kwargs)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
                        ) -> train_step_lib.TrainState:
   """Trains `config` in `workdir` (resuming if it holds checkpoints).
@@ -50,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   t = config.train
   # --- Hosts and devices; config checks before anything is computed.
   if t.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(t)
   config_check.check_config(config, num_devices=jax.device_count(),
                             num_processes=jax.process_count())
   checkpoints.ensure_writable(workdir)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -124,6 +125,42 @@ def test_four_devices_match_one_device(tmp_path, reference_run, data_dir, env):
   for got, want in zip(_leaves(_final_state(workdir)['params']),
                        _leaves(_final_state(reference_run)['params'])):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path, reference_run, data_dir, env):
+  """Two processes ("hosts", 2 CPU devices each, jax.distributed over gloo) train like one.
+
+  Each process reads its own half of every global batch; the step all-reduces over 4
+  devices in 2 processes; both write into one workdir (a shared filesystem).
+  """
+  workdir = str(tmp_path / 'two_hosts')
+  flags = ['--config.train.distributed=True', f'--config.train.coordinator_address='
+           f'localhost:{_free_port()}', '--config.train.num_processes=2']
+  run_env = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  hosts = [subprocess.Popen(_command(workdir, data_dir, *flags,
+                                     f'--config.train.process_id={i}'),
+                            cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  for host in hosts:
+    _, stderr = host.communicate(timeout=600)
+    assert host.returncode == 0, stderr[-5000:]
+  ref, two = _losses(reference_run), _losses(workdir)
+  assert sorted(two) == sorted(ref)  # Logged once, by the first process.
+  np.testing.assert_allclose([two[s] for s in sorted(two)], [ref[s] for s in sorted(ref)],
+                             rtol=1e-4)
+  for got, want in zip(_leaves(_final_state(workdir)['params']),
+                       _leaves(_final_state(reference_run)['params'])):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+  # The data position of each process is in the checkpoint.
+  data_dir_files = os.listdir(os.path.join(workdir, 'checkpoints', str(FINAL_STEP), 'data'))
+  assert sorted(f for f in data_dir_files if f.endswith('.json')) == [
+      'process_0-of-2.json', 'process_1-of-2.json']
 
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, reference_run, data_dir, env):
