@@ -53,10 +53,13 @@ def check_model_and_diffusion(config: ml_collections.ConfigDict) -> None:
   _require(m.attention_impl in impls,
            f'model.attention_impl={m.attention_impl!r} is unknown; valid values: '
            f'{", ".join(impls)}.')
-  _require(m.attention_impl != 'cudnn' or (m.dtype == 'bfloat16'
-                                          and jax.default_backend() == 'gpu'),
-           f'model.attention_impl=\'cudnn\' needs an NVIDIA GPU and model.dtype=bfloat16 '
-           f'(here: {jax.default_backend()}, {m.dtype}); use auto or einsum.')
+  if m.attention_impl == 'cudnn':
+    # Asked only here: querying the backend starts it, which must not happen before
+    # jax.distributed.initialize on several hosts.
+    backend = jax.default_backend()
+    _require(m.dtype == 'bfloat16' and backend == 'gpu',
+             f'model.attention_impl=\'cudnn\' needs an NVIDIA GPU and model.dtype=bfloat16 '
+             f'(here: {backend}, {m.dtype}); use auto or einsum.')
   for key, value in (('train.grid_sampler', config.train.grid_sampler),
                      ('sample.sampler', config.sample.sampler),
                      ('eval.sampler', config.eval.sampler)):

@@ -1,6 +1,9 @@
 """Tests of the configs and of eo_ddpm_jax.config_check: every error names its key."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -8,6 +11,8 @@ from configs import default
 from eo_ddpm_jax import config_check
 from eo_ddpm_jax import train
 from eo_ddpm_jax import train_step
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize('name', ['linear', 'cosine', 'sigmoid'])
@@ -92,3 +97,15 @@ def test_attention_impl_errors_name_key_and_fix(impl, dtype, pattern):
 def test_auto_attention_picks_the_fused_kernel_only_where_it_runs(name, dtype, backend,
                                                                   expected):
   assert train_step.attention_impl(name, dtype, backend) == expected
+
+
+def test_config_check_does_not_start_the_backend():
+  """Checks run before jax.distributed.initialize, which must precede any backend use."""
+  code = ('from jax._src import xla_bridge\n'  # Private, but the only way to ask.
+          'from configs import default\n'
+          'from eo_ddpm_jax import config_check\n'
+          'config_check.check_config(default.get_config(), num_devices=1, need_data=False)\n'
+          'print(xla_bridge.backends_are_initialized())\n')
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, 'PYTHONPATH': ROOT}, check=True)
+  assert result.stdout.strip() == 'False'
