@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eo_ddpm_jax import cpu_devices
 from eo_ddpm_jax import train_step as train_lib
 
 
@@ -36,6 +37,9 @@ def parse_args(argv):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   common.add_model_flags(parser)
   parser.add_argument('--batch', type=int, default=8, help='Global batch size.')
+  parser.add_argument('--cpu_devices', type=int, default=0,
+                      help='JAX CPU devices the batch is sharded over, as train.cpu_devices '
+                           '(0: one per core that divides the batch; 1: one device).')
   parser.add_argument('--warmup_steps', type=int, default=3,
                       help='Untimed steps after compilation (JAX) / before timing (torch).')
   # One EMA update happens every 10 steps in both frameworks: blocks of 10 steps
@@ -72,7 +76,7 @@ def run_jax(args, config) -> dict:
   schedule = common.make_schedule(config.diffusion)
   step_fn = train_lib.make_train_step(config, model, tx, schedule, learning_rate_fn)
 
-  mesh = train_lib.make_mesh(jax.devices()[:1])
+  mesh = train_lib.make_mesh(jax.devices())  # The batch is split over them, as in training.
   image_shape = (args.image_size, args.image_size, args.channels)
   init = functools.partial(train_lib.create_train_state, config, model, tx,
                            image_shape=image_shape)
@@ -219,6 +223,8 @@ HEADERS = ['framework', 'precision', 'batch', 'params', 'compile', 'step (median
 def main(argv):
   args = parse_args(argv)
   config = common.study_config(args, args.batch)
+  config.train.cpu_devices = args.cpu_devices
+  cpu_devices.configure(config.train)  # Before JAX starts its backend.
   facts = common.jax_device_facts()
   peak = args.peak_tflops or common.default_peak_tflops(facts['kind'], facts['platform'])
 
@@ -227,7 +233,8 @@ def main(argv):
   notes = [
       f'U-Net dim={args.dim}, dim_mults=({args.dim_mults}), {args.image_size}x'
       f'{args.image_size}x{args.channels}, T={args.timesteps} {args.schedule}, '
-      f'{args.objective}; synthetic batch on the device.',
+      f'{args.objective}; synthetic batch sharded over {jax.device_count()} '
+      f'{jax.devices()[0].platform} device(s).',
       f'Timing: {args.warmup_steps} warm-up steps after compilation, then {args.repeats} '
       f'blocks of {args.steps_per_repeat} steps, each synchronised at its end; '
       'step = block time / steps.',

@@ -105,6 +105,10 @@ def get_config() -> ml_collections.ConfigDict:
   train.coordinator_address = ''
   train.num_processes = 0
   train.process_id = -1
+  # JAX CPU devices on a CPU-only host, each on its own core, the batch sharded over them
+  # (XLA:CPU runs one small conv on one core). 0: one per core that divides the batch;
+  # 1: JAX's default single device. Ignored when XLA_FLAGS sets the count.
+  train.cpu_devices = 0
 
   # --- sample: --mode=sample.
   config.sample = sample = ml_collections.ConfigDict()

@@ -85,6 +85,9 @@ def check_batching(config: ml_collections.ConfigDict, num_devices: int,
   _require(t.batch_size >= 1, f'train.batch_size={t.batch_size} must be >= 1.')
   _require(t.grad_accum_steps >= 1,
            f'train.grad_accum_steps={t.grad_accum_steps} must be >= 1.')
+  cpu_devices = t.get('cpu_devices', 0)
+  _require(cpu_devices >= 0, f'train.cpu_devices={cpu_devices} must be >= 0 (0: one per '
+           f'core, 1: a single CPU device).')
   per_step = num_devices * t.grad_accum_steps
   _require(t.batch_size % per_step == 0,
            f'train.batch_size={t.batch_size} must be divisible by the number of devices '

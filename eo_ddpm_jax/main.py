@@ -15,6 +15,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from eo_ddpm_jax import cpu_devices
 from eo_ddpm_jax import evaluate
 from eo_ddpm_jax import report
 from eo_ddpm_jax import sampling
@@ -73,8 +74,11 @@ def main(argv) -> None:
   if FLAGS.config is None and FLAGS.mode != 'import_torch':
     raise app.UsageError(f'--config is required for --mode={FLAGS.mode}, e.g. --config='
                          'configs/demo.py (an imported run: --config=<workdir>/config.py).')
-  if FLAGS.config is not None and FLAGS.config.train.distributed:
-    train.initialize_distributed(FLAGS.config.train)  # Before anything touches a device.
+  # Both before anything touches a device.
+  if FLAGS.config is not None:
+    cpu_devices.configure(FLAGS.config.train)
+    if FLAGS.config.train.distributed:
+      train.initialize_distributed(FLAGS.config.train)
   logging.info('JAX devices: %s', jax.devices())
   modes = {'train': run_train, 'sample': run_sample, 'evaluate': run_evaluate,
            'report': run_report, 'import_torch': run_import_torch}

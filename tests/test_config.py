@@ -44,6 +44,7 @@ def test_demo_config_is_valid():
     ('train.batch_size', 6, 4,
      r'train.batch_size=6 must be divisible by the number of devices \(4\)'),
     ('train.grad_accum_steps', 3, 1, r'train.batch_size=8 must be divisible .* = 3'),
+    ('train.cpu_devices', -2, 1, r'train.cpu_devices=-2 must be >= 0 \(0: one per core'),
     ('data.image_size', 90, 1,
      r'data.image_size=90 must be divisible by 4, .* model.dim_mults=\(1, 2, 4\)'),
     ('model.dtype', 'float16', 1, r"model.dtype='float16' is unknown; valid values"),

@@ -60,6 +60,36 @@ def test_pixel_unshuffle_channel_order():
         np.testing.assert_array_equal(y[..., (p1 * 2 + p2) * 3 + c], x[:, p1::2, p2::2, c])
 
 
+@pytest.mark.parametrize('splits, use_bias', [(1, True), (1, False), (3, True), (3, False)])
+def test_pointwise_conv_is_a_1x1_conv(splits, use_bias):
+  """Same params, values and gradients as nn.Conv(features, (1, 1)); `splits` slices its
+  output channels."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 5, 6, 4)), jnp.float32)
+  conv = nn.Conv(9, (1, 1), use_bias=use_bias)
+  pointwise = unet.PointwiseConv(9, use_bias=use_bias, splits=splits)
+  params = conv.init(jax.random.key(1), x)
+  # Same initialiser, so the same params from the same key.
+  jax.tree.map(np.testing.assert_array_equal, pointwise.init(jax.random.key(1), x), params)
+  params = jax.tree.map(  # A nonzero bias, so a misplaced bias slice would show.
+      lambda p: p + 0.1 * jnp.arange(p.size, dtype=p.dtype).reshape(p.shape), params)
+
+  def conv_loss(params):
+    return jnp.sum(jnp.sin(conv.apply(params, x)))
+
+  def pointwise_loss(params):
+    out = pointwise.apply(params, x)
+    return jnp.sum(jnp.sin(jnp.concatenate(out, -1) if splits > 1 else out))
+
+  out = pointwise.apply(params, x)
+  parts = out if splits > 1 else (out,)
+  assert len(parts) == splits and all(p.shape == (2, 5, 6, 9 // splits) for p in parts)
+  np.testing.assert_allclose(np.concatenate(parts, -1), conv.apply(params, x),
+                             rtol=1e-5, atol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               jax.grad(pointwise_loss)(params), jax.grad(conv_loss)(params))
+
+
 def test_upsample_nearest():
   x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
   expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
