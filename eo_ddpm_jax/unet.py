@@ -81,6 +81,31 @@ class RMSNorm(nn.Module):
     return (xs * inv * g.astype(stat_dtype)).astype(self.dtype)
 
 
+@jax.custom_vjp
+def _channel_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """x [..., C] @ kernel [C, F] -> [..., F]; the backward flattens x and dy to 2-D first."""
+  return jnp.einsum('...c,cf->...f', x, kernel)
+
+
+def _channel_matmul_fwd(x, kernel):
+  return _channel_matmul(x, kernel), (x, kernel)
+
+
+def _channel_matmul_bwd(residuals, dy):
+  x, kernel = residuals
+  dx = jnp.einsum('...f,cf->...c', dy, kernel)
+  # The kernel gradient as one [N, C]^T [N, F] GEMM over N = all leading positions.
+  # Autodiff gives a dot that contracts the 3 axes (B, H, W), which XLA:CPU lays out with
+  # a transposed copy of dy and runs at ~10 GFLOP/s; this form measured 1.3x faster on
+  # the linear attention's fwd+bwd at 64x64 and ~9% on the whole CPU train step.
+  dkernel = jnp.einsum('nc,nf->cf', x.reshape(-1, x.shape[-1]),
+                       dy.reshape(-1, dy.shape[-1]))
+  return dx, dkernel
+
+
+_channel_matmul.defvjp(_channel_matmul_fwd, _channel_matmul_bwd)
+
+
 class PointwiseConv(nn.Module):
   """A 1x1 convolution computed as a matmul over the channel axis.
 
@@ -113,7 +138,7 @@ class PointwiseConv(nn.Module):
     kernels = jnp.split(kernel[0, 0], self.splits, axis=-1)
     biases = (jnp.split(bias, self.splits) if bias is not None
               else [None] * self.splits)
-    outs = tuple(jnp.einsum('...c,cf->...f', x, k) + (0 if b is None else b)
+    outs = tuple(_channel_matmul(x, k) + (0 if b is None else b)
                  for k, b in zip(kernels, biases))
     return outs[0] if self.splits == 1 else outs
 
