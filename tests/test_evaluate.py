@@ -126,7 +126,10 @@ def evaluated(tmp_path_factory, data_dir, env, inception_weights):
   samples_dir = os.path.join(workdir, 'samples')
   result = subprocess.run(
       [sys.executable, '-m', 'eo_ddpm_jax.main', '--config=configs/demo.py',
-       f'--workdir={workdir}', '--mode=evaluate', *cli_flags(data_dir)],
+       f'--workdir={workdir}', '--mode=evaluate', *cli_flags(data_dir),
+       # One CPU device, like the in-process rerun below, which must give the same images
+       # bit for bit (other device counts agree within float tolerance: test_sampling).
+       '--config.train.cpu_devices=1'],
       cwd=ROOT, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-5000:]
   first = {'json': evaluate.read_eval_json(workdir), 'stderr': result.stderr,
