@@ -14,11 +14,13 @@ per step on 2 CPU cores even with dim=16, too slow to learn in minutes; at 16x16
 of the real patches are no longer recognisable), computes in float32 (bfloat16 is slow on
 CPUs) and raises the learning rate to 2e-3 (stable with the clip at 1.0; at 5e-4-1e-3 the
 grids kept 1-2 px of coloured noise along the tile borders for 500+ steps). dim=16 instead
-of 32 fits 3x the steps (0.37 s per step; the old dim=32 demo ran 240 steps in ~4.5 min).
+of 32 fits 3x the steps (0.37 s per step on one CPU device, 0.27 s sharded over 2; the
+old dim=32 demo ran 240 steps in ~4.5 min).
 Sample grids use DDIM (25 steps; the final --mode=sample grid 50) to keep sampling short.
 
-Expected runtime (measured, 2 CPU cores, otherwise idle): data 37 s + training 445 s
-(720 steps at ~0.37 s/step, compile and 12 grids included) + sampling 25 s = 8.5 min.
+Expected runtime (measured, 2 CPU cores, otherwise idle, one JAX CPU device per core):
+data 35 s + training 421 s (720 steps at ~0.27 s/step; compile, 12 checkpoints and 12
+grids included) + sampling 26 s = 8 min.
 Expected result: the loss falls from ~1 to ~0.02 by step 600; the grids show smooth
 blobs in the right land/water colours (pinkish-tan fields, dark blue-green forest and
 water patches), free of border noise from epoch ~6, but no sharp field edges, rivers or
