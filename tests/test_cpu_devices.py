@@ -1,6 +1,5 @@
 """Tests for eo_ddpm_jax.cpu_devices: how many CPU devices main.py asks JAX for."""
 
-import os
 import subprocess
 import sys
 
@@ -56,7 +55,3 @@ def test_configure_creates_one_device_per_core(tmp_path):
 def test_configure_keeps_an_xla_flags_device_count(tmp_path):
   assert _probe(tmp_path, 0, 8, '--xla_force_host_platform_device_count=3') == (None, 3)
   assert _probe(tmp_path, 2, 8, '--xla_force_host_platform_device_count=3') == (None, 3)
-
-
-def test_available_cores_is_the_affinity():
-  assert cpu_devices.available_cores() == len(os.sched_getaffinity(0))
