@@ -14,13 +14,6 @@ from tests.test_schedules import library_diffusion_float64, make_stub_model
 RTOL = 1e-10
 
 
-@pytest.fixture
-def x64():
-  """Float64 JAX for one test only (the flag is restored afterwards)."""
-  with jax.enable_x64(True):
-    yield
-
-
 @pytest.fixture(scope='module')
 def torch():
   return pytest.importorskip('torch', reason='needs the [torch] extra: pip install -e .[torch]')

@@ -12,12 +12,6 @@ from tests.test_diffusion import (DATA_MEAN, DATA_STD, NUM_SIGMAS, SHAPE, _optim
                                   _posterior_x0_gain, stub_jax)
 
 
-@pytest.fixture
-def x64():
-  with jax.enable_x64(True):
-    yield
-
-
 def numpy_lambda(abar):
   return 0.5 * np.log(abar / (1 - abar))
 

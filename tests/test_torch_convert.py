@@ -27,13 +27,6 @@ def lib():
   return load_ddpm_library()
 
 
-@pytest.fixture
-def x64():
-  """Float64 in JAX for one test only (the context manager restores the flag)."""
-  with jax.enable_x64(True):
-    yield
-
-
 def _randomized_torch_unet(lib, kwargs, seed=0):
   """A library Unet whose every parameter is random: no gain at 1, no bias at 0."""
   import torch  # pylint: disable=g-import-not-at-top

@@ -90,6 +90,39 @@ def test_pointwise_conv_is_a_1x1_conv(splits, use_bias):
                jax.grad(pointwise_loss)(params), jax.grad(conv_loss)(params))
 
 
+def _linear_attention_by_concatenation(q, k, v, mem_kv, scale):
+  """The library's steps literally: memory slots concatenated, then both softmaxes."""
+  b = k.shape[0]
+  mem = jnp.broadcast_to(mem_kv[:, None], (2, b) + mem_kv.shape[1:])
+  k = jax.nn.softmax(jnp.concatenate([mem[0], k], axis=1), axis=1)
+  v = jnp.concatenate([mem[1], v], axis=1)
+  q = jax.nn.softmax(q, axis=-1) * scale
+  context = jnp.einsum('bnhd,bnhe->bhde', k, v)
+  return jnp.einsum('bhde,bnhd->bnhe', context, q)
+
+
+def test_linear_attention_matches_the_concatenated_softmax(x64):
+  """Values and gradients (q, k, v, memory) equal the concatenate-then-softmax form;
+  large key logits check the max subtraction."""
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 12, 3, 4)) * 3) for _ in range(3))
+  k = k.at[0, 5, 1, 2].set(80.0)  # exp(80) would dominate without the shift.
+  mem_kv = jnp.asarray(rng.standard_normal((2, 4, 3, 4)))
+  weights = jnp.asarray(rng.standard_normal((2, 12, 3, 4)))
+
+  def loss(fn):
+    return lambda *args: jnp.sum(jnp.sin(fn(*args, 0.5)) * weights)
+
+  np.testing.assert_allclose(unet.linear_attention(q, k, v, mem_kv, 0.5),
+                             _linear_attention_by_concatenation(q, k, v, mem_kv, 0.5),
+                             rtol=1e-12, atol=1e-12)
+  grads = jax.grad(loss(unet.linear_attention), argnums=(0, 1, 2, 3))(q, k, v, mem_kv)
+  expected = jax.grad(loss(_linear_attention_by_concatenation), argnums=(0, 1, 2, 3))(
+      q, k, v, mem_kv)
+  for got, want in zip(grads, expected):
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
 def test_upsample_nearest():
   x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
   expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
