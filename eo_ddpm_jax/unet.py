@@ -10,7 +10,8 @@ load the library's weights), with two layout changes for JAX:
   uses (c, p1, p2); `torch_convert` permutes the following 1x1 kernel to match.
 
 Params are float32; `dtype` sets the compute dtype (bfloat16 on GPU/TPU). Norm statistics,
-softmaxes, the time embedding and the final 1x1 projection run in at least float32.
+softmaxes, the linear attention's core, the time embedding and the final 1x1 projection
+run in at least float32.
 """
 
 import functools
