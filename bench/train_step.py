@@ -12,7 +12,10 @@ the time the study's 11 epochs would take at this rate, and appends the table to
 bench/RESULTS.md.
 
   python -m bench.train_step --dim 32 --dim_mults 1,2,4 --image_size 64 --batch 8 \
-      --compare-torch
+      --compare-torch --interleave
+
+--interleave alternates JAX and torch blocks: on a shared VM whose speed drifts over
+minutes, timing one framework after the other moved the ratio by +-5% between runs.
 """
 
 # pylint: disable=g-import-not-at-top,g-bad-import-order
@@ -49,6 +52,11 @@ def parse_args(argv):
   parser.add_argument('--repeats', type=int, default=5, help='Timed blocks per framework.')
   parser.add_argument('--torch_repeats', type=int, default=None,
                       help='Timed blocks for torch (default: --repeats).')
+  parser.add_argument('--interleave', action='store_true',
+                      help='With --compare-torch: alternate JAX and torch blocks (--repeats '
+                           'pairs) instead of timing one framework after the other, so a '
+                           'machine whose speed drifts between minutes slows both alike; '
+                           'also reports the median of the per-pair ratios.')
   parser.add_argument('--check_attention', action='store_true',
                       help='Also report how far the U-Net output with the chosen attention '
                            'kernel is from the einsum reference on one batch.')
@@ -68,8 +76,12 @@ def projected_hours(images_per_s: float) -> float:
   return study_steps() * common.STUDY_BATCH / images_per_s / 3600
 
 
-def run_jax(args, config) -> dict:
-  """Builds and times the project's train step; returns the measurements."""
+def prepare_jax(args, config) -> dict:
+  """Builds, compiles and warms up the project's train step.
+
+  Returns its facts (compile time, FLOPs, params) with `run_block(steps)` (runs and
+  synchronises `steps` steps) and `finish()` (checks the loss, adds peak memory).
+  """
   model = train_lib.create_model(config.model)
   learning_rate_fn = train_lib.create_learning_rate_fn(config.optim, study_steps())
   tx = train_lib.create_optimizer(config.optim, learning_rate_fn)
@@ -113,17 +125,16 @@ def run_jax(args, config) -> dict:
     holder['state'] = state
     return metrics
 
-  metrics = run_block(args.warmup_steps)
-  timing = common.time_blocks(lambda: run_block(args.steps_per_repeat), args.repeats,
-                              args.steps_per_repeat)
-  loss = float(run_block(1)['loss'])
-  if not math.isfinite(loss):
-    raise FloatingPointError(f'JAX train step produced a non-finite loss {loss}')
-  del metrics
-  memory, memory_kind = common.jax_peak_memory()
-  return dict(timing=timing, compile_s=compile_s, flops=flops, memory=memory,
-              memory_kind=memory_kind, params=num_params, loss=loss,
-              attention_gap=attention_gap)
+  def finish() -> dict:
+    loss = float(run_block(1)['loss'])
+    if not math.isfinite(loss):
+      raise FloatingPointError(f'JAX train step produced a non-finite loss {loss}')
+    memory, memory_kind = common.jax_peak_memory()
+    return dict(memory=memory, memory_kind=memory_kind, loss=loss)
+
+  run_block(args.warmup_steps)
+  return dict(run_block=run_block, finish=finish, compile_s=compile_s, flops=flops,
+              params=num_params, attention_gap=attention_gap)
 
 
 def attention_difference(config, params, images: np.ndarray) -> dict[str, float]:
@@ -145,8 +156,9 @@ def attention_difference(config, params, images: np.ndarray) -> dict[str, float]
           for impl in dict.fromkeys((chosen, 'einsum'))}
 
 
-def run_torch(args, config) -> dict:
-  """Times the library's Trainer step (eager) on the same device."""
+def prepare_torch(args, config) -> dict:
+  """Builds and warms up the library's Trainer step (eager) on the same device; returns
+  the same keys as `prepare_jax`."""
   torch, device, threads = common.torch_setup(args)
   library, ema_class = common.load_torch_library()
   torch.manual_seed(args.seed)
@@ -191,15 +203,39 @@ def run_torch(args, config) -> dict:
     with FlopCounterMode(display=False) as counter:
       run_block(1)
     flops = float(counter.get_total_flops())
-  timing = common.time_blocks(lambda: run_block(args.steps_per_repeat),
-                              args.torch_repeats or args.repeats, args.steps_per_repeat)
-  loss = float(run_block(1).detach())
-  if not math.isfinite(loss):
-    raise FloatingPointError(f'torch train step produced a non-finite loss {loss}')
-  memory, memory_kind = common.torch_peak_memory(torch, device)
-  return dict(timing=timing, compile_s=None, flops=flops, memory=memory,
-              memory_kind=memory_kind, params=num_params, loss=loss, threads=threads,
-              device=str(device))
+  def finish() -> dict:
+    loss = float(run_block(1).detach())
+    if not math.isfinite(loss):
+      raise FloatingPointError(f'torch train step produced a non-finite loss {loss}')
+    memory, memory_kind = common.torch_peak_memory(torch, device)
+    return dict(memory=memory, memory_kind=memory_kind, loss=loss)
+
+  return dict(run_block=run_block, finish=finish, compile_s=None, flops=flops,
+              params=num_params, threads=threads, device=str(device))
+
+
+def time_and_finish(result: dict, args, repeats: int) -> None:
+  """Times `repeats` blocks of one framework, then adds its loss and peak memory."""
+  result['timing'] = common.time_blocks(
+      lambda: result['run_block'](args.steps_per_repeat), repeats, args.steps_per_repeat)
+  result.update(result['finish']())
+
+
+def time_interleaved(jax_run, torch_run, args) -> tuple[common.Timing, common.Timing]:
+  """Alternates one JAX and one torch block, `args.repeats` times."""
+  def block(run):
+    # A pause first: torch's OpenMP workers spin for a while after a parallel region
+    # and, on a CPU, would slow the start of the other framework's block (measured on
+    # 2-step blocks of a tiny U-Net: JAX 43-187 ms per step interleaved, 37 ms alone).
+    time.sleep(1.0)
+    return common.time_blocks(lambda: run['run_block'](args.steps_per_repeat), 1,
+                              args.steps_per_repeat).seconds
+
+  jax_seconds, torch_seconds = [], []
+  for _ in range(args.repeats):
+    jax_seconds += block(jax_run)
+    torch_seconds += block(torch_run)
+  return common.Timing(jax_seconds), common.Timing(torch_seconds)
 
 
 def row(name, precision, args, result, peak_tflops):
@@ -228,7 +264,29 @@ def main(argv):
   facts = common.jax_device_facts()
   peak = args.peak_tflops or common.default_peak_tflops(facts['kind'], facts['platform'])
 
-  jax_result = run_jax(args, config)
+  # JAX is timed and its peak memory read before torch loads, unless the two alternate
+  # (on a CPU the peak is the process's, which then includes torch).
+  interleave = args.compare_torch and args.interleave
+  jax_result = prepare_jax(args, config)
+  if not interleave:
+    time_and_finish(jax_result, args, args.repeats)
+  torch_result = torch_error = None
+  if args.compare_torch:
+    try:
+      torch_result = prepare_torch(args, config)
+    except Exception as error:  # pylint: disable=broad-except
+      # The JAX figures stay worth recording when the library cannot run here.
+      torch_error = error
+      print(f'torch comparison failed: {error!r}', file=sys.stderr)
+  if interleave and torch_result is not None:
+    jax_result['timing'], torch_result['timing'] = time_interleaved(
+        jax_result, torch_result, args)
+    jax_result.update(jax_result['finish']())
+    torch_result.update(torch_result['finish']())
+  elif interleave:
+    time_and_finish(jax_result, args, args.repeats)
+  elif torch_result is not None:
+    time_and_finish(torch_result, args, args.torch_repeats or args.repeats)
   rows = [row('JAX (eo_ddpm_jax)', args.precision, args, jax_result, peak)]
   notes = [
       f'U-Net dim={args.dim}, dim_mults=({args.dim_mults}), {args.image_size}x'
@@ -237,13 +295,15 @@ def main(argv):
       f'{jax.devices()[0].platform} device(s).',
       f'Timing: {args.warmup_steps} warm-up steps after compilation, then {args.repeats} '
       f'blocks of {args.steps_per_repeat} steps, each synchronised at its end; '
-      'step = block time / steps.',
+      'step = block time / steps'
+      + ('; JAX and torch blocks alternate.' if torch_result and interleave else '.'),
       f'JAX full attention: {train_lib.attention_impl(args.attention_impl, args.precision)}.',
       'FLOP/step: XLA cost analysis of the un-optimised step lowered for the CPU (JAX; '
       'counts the convolutions the GPU program hides in cuDNN calls); '
       'torch.utils.flop_counter over one step (torch). MFU: against '
       + (f'{peak:g} TFLOP/s' if peak else 'no peak (CPU)') + '.',
-      f'Peak memory: JAX {jax_result["memory_kind"]}.',
+      f'Peak memory: JAX {jax_result["memory_kind"]}'
+      + (' (torch loaded too: --interleave).' if torch_result and interleave else '.'),
   ]
   if jax_result['attention_gap'] is not None:
     gaps = ', '.join(f'{impl} {gap:.2e}' for impl, gap in jax_result['attention_gap'].items())
@@ -253,28 +313,28 @@ def main(argv):
       f'study 11 epochs: {study_steps():,} steps x {common.STUDY_BATCH} images '
       '(11 x floor(45,753 / 8)) at the measured images/s of this batch size.',
   ]
-  torch_result = None
-  if args.compare_torch:
-    try:
-      torch_result = run_torch(args, config)
-    except Exception as error:  # pylint: disable=broad-except
-      # The JAX figures stay worth recording when the library cannot run here.
-      notes.append(f'torch comparison failed: {type(error).__name__}: {error}')
-      print(f'torch comparison failed: {error!r}', file=sys.stderr)
-    else:
-      rows.append(row('denoising-diffusion-pytorch 1.10.12', args.precision, args,
-                      torch_result, peak))
-      ratio = torch_result['timing'].median / jax_result['timing'].median
-      notes += [
-          f'torch: eager on {torch_result["device"]}, {torch_result["threads"]}; '
-          + ('forward under torch.autocast(bfloat16), no GradScaler (the Trainer\'s amp '
-             'uses fp16 autocast + GradScaler); ' if args.precision == 'bfloat16' else
-             'float32; ')
-          + 'Adam(lr, betas=(0.9, 0.99)) + clip_grad_norm_(1.0) + '
-          'EMA(beta=0.995, update_every=10).update() (past its copy-only warm-up). '
-          f'Peak memory: {torch_result["memory_kind"]}.',
-          f'**Speed ratio JAX / torch (images/s): {ratio:.2f}x**',
-      ]
+  if torch_error is not None:
+    notes.append(f'torch comparison failed: {type(torch_error).__name__}: {torch_error}')
+  if torch_result is not None:
+    rows.append(row('denoising-diffusion-pytorch 1.10.12', args.precision, args,
+                    torch_result, peak))
+    ratio = torch_result['timing'].median / jax_result['timing'].median
+    notes += [
+        f'torch: eager on {torch_result["device"]}, {torch_result["threads"]}; '
+        + ('forward under torch.autocast(bfloat16), no GradScaler (the Trainer\'s amp '
+           'uses fp16 autocast + GradScaler); ' if args.precision == 'bfloat16' else
+           'float32; ')
+        + 'Adam(lr, betas=(0.9, 0.99)) + clip_grad_norm_(1.0) + '
+        'EMA(beta=0.995, update_every=10).update() (past its copy-only warm-up). '
+        f'Peak memory: {torch_result["memory_kind"]}.',
+        f'**Speed ratio JAX / torch (images/s): {ratio:.2f}x**',
+    ]
+    if interleave:
+      pair_ratios = (np.asarray(torch_result['timing'].seconds)
+                     / np.asarray(jax_result['timing'].seconds))
+      notes.append(f'Per-pair ratios (torch block / the JAX block before it): median '
+                   f'{np.median(pair_ratios):.2f}x, range {pair_ratios.min():.2f}-'
+                   f'{pair_ratios.max():.2f}x.')
   projections = [f'{name} {projected_hours(args.batch / r["timing"].median):.2f} h'
                  for name, r in (('JAX', jax_result), ('torch', torch_result))
                  if r is not None]
