@@ -2,7 +2,9 @@
 
 Times `eo_ddpm_jax.diffusion.ddpm_sample` (ancestral, all T steps, one fori_loop),
 `ddim_sample` (50 steps, one scan) and `dpm_solver.dpm_solver_2m_sample` (DPM-Solver++(2M),
-25 steps, one scan) for a batch of 25 images (the study's 5x5 grid), each compiled once;
+25 steps, one scan) for a batch of 25 images (the study's 5x5 grid), each compiled once
+and sharded over the devices as `main --mode=sample` runs it (on a CPU, one device per
+core, the batch padded to a multiple of their count);
 with --compare-torch, the library's `GaussianDiffusion.sample` on the same device
 (`p_sample_loop`, and `ddim_sample` via `sampling_timesteps`; the library has no
 DPM-Solver). Reports seconds per
@@ -30,9 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eo_ddpm_jax import diffusion
-from eo_ddpm_jax import dpm_solver
-from eo_ddpm_jax import schedules
+from eo_ddpm_jax import cpu_devices
+from eo_ddpm_jax import sampling
 from eo_ddpm_jax import train_step as train_lib
 
 SAMPLERS = ('ddpm', 'ddim', 'dpm_solver')
@@ -45,6 +46,10 @@ def parse_args(argv):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   common.add_model_flags(parser)
   parser.add_argument('--num_images', type=int, default=25, help='Images per sample run.')
+  parser.add_argument('--cpu_devices', type=int, default=0,
+                      help='JAX CPU devices the images are sharded over, as train.cpu_devices '
+                           '(0: one per core that divides the study\'s training batch, as '
+                           'main.py chooses; 1: one device).')
   parser.add_argument('--samplers', default='ddpm,ddim,dpm_solver', help='Comma-separated subset of '
                       + ', '.join(SAMPLERS) + '.')
   parser.add_argument('--ddim_steps', type=int, default=50, help='DDIM steps of a real run.')
@@ -92,39 +97,25 @@ def jax_forward_flops(model, params, shape) -> float | None:
                                 params, x, t)
 
 
-def run_jax(args, config, sampler: str, model, params) -> dict:
-  """Compiles and times one sampler over `plan(...)[0]` steps."""
+def run_jax(args, config, sampler: str, model, params, mesh) -> dict:
+  """Compiles and times one sampler over `plan(...)[0]` steps (`main`'s sampling code)."""
   steps, _ = plan(args, sampler)
-  dconf = config.diffusion
-  shape = (args.num_images, args.image_size, args.image_size, args.channels)
-  if sampler == 'ddpm':
-    # A T'-step schedule gives the same loop body; only the trip count changes.
-    schedule = common.make_schedule(dconf, timesteps=steps)
-  else:
-    schedule = common.make_schedule(dconf)
-  schedule = schedules.schedule_as(schedule, jnp.float32)
-
-  def sample(params, schedule, rng):
-    def denoise_fn(x, t):
-      return model.apply({'params': params}, x, t).astype(jnp.float32)
-    if sampler == 'ddpm':
-      return diffusion.ddpm_sample(denoise_fn, schedule, shape, rng,
-                                   objective=dconf.objective)
-    if sampler == 'dpm_solver':
-      return dpm_solver.dpm_solver_2m_sample(denoise_fn, schedule, shape, rng,
-                                             num_steps=steps, objective=dconf.objective)
-    return diffusion.ddim_sample(denoise_fn, schedule, shape, rng, num_steps=steps,
-                                 eta=config.sample.ddim_eta, objective=dconf.objective)
-
-  rng = jax.random.PRNGKey(args.seed)
+  # A T'-step DDPM schedule gives the same loop body; only the trip count changes.
+  schedule = common.make_schedule(config.diffusion,
+                                  timesteps=steps if sampler == 'ddpm' else None)
+  batch_size = sampling.sharded_batch_size(args.num_images, mesh.size)
+  sample_fn = sampling.make_sample_fn(
+      config, model, schedule, sampler=sampler, batch_size=batch_size, num_steps=steps,
+      eta=config.sample.ddim_eta, clip_denoised=True, mesh=mesh)
+  keys = sampling.image_keys(jax.random.PRNGKey(args.seed), 0, batch_size)
   start = time.perf_counter()
-  compiled = jax.jit(sample).lower(params, schedule, rng).compile()
+  compiled = sample_fn.lower(params, keys).compile()
   compile_s = time.perf_counter() - start
 
   last = {}
 
   def run():
-    last['images'] = compiled(params, schedule, rng)
+    last['images'] = compiled(params, keys)
     last['images'].block_until_ready()
 
   for _ in range(args.warmup_runs):
@@ -202,7 +193,9 @@ def main(argv):
   unknown = set(samplers) - set(SAMPLERS)
   if unknown:
     raise SystemExit(f'--samplers: unknown {sorted(unknown)}; valid: {", ".join(SAMPLERS)}')
-  config = common.study_config(args, args.num_images)
+  config = common.study_config(args, common.STUDY_BATCH)
+  config.train.cpu_devices = args.cpu_devices
+  cpu_devices.configure(config.train)  # Before JAX starts its backend.
   facts = common.jax_device_facts()
   peak = args.peak_tflops or common.default_peak_tflops(facts['kind'], facts['platform'])
 
@@ -212,12 +205,17 @@ def main(argv):
                                jnp.zeros((1, *image_shape)), jnp.zeros((1,), jnp.int32))
   params = params['params']
   flops = jax_forward_flops(model, params, (args.num_images, *image_shape))
+  mesh = train_lib.make_mesh(jax.devices())
+  params = jax.device_put(params, train_lib.replicated_sharding(mesh, params))
 
   torch_env = None
   notes = [
       f'U-Net dim={args.dim}, dim_mults=({args.dim_mults}), {args.num_images} images of '
       f'{args.image_size}x{args.image_size}x{args.channels}, T={args.timesteps} '
-      f'{args.schedule}, {args.objective}; random (untrained) weights.',
+      f'{args.schedule}, {args.objective}; random (untrained) weights; JAX sharded over '
+      f'{jax.device_count()} {jax.devices()[0].platform} device(s), '
+      f'{sampling.sharded_batch_size(args.num_images, jax.device_count())} images a run '
+      '(the padding is discarded, as in main --mode=sample).',
       f'Timing: JAX compiled once, {args.warmup_runs} warm-up run(s), then {args.repeats} '
       'timed runs; per step = run time / steps run. s per run = per step x the real '
       'run\'s steps.',
@@ -239,7 +237,7 @@ def main(argv):
 
   rows = []
   for sampler in samplers:
-    jax_result = run_jax(args, config, sampler, model, params)
+    jax_result = run_jax(args, config, sampler, model, params, mesh)
     rows.append(row('JAX (eo_ddpm_jax)', sampler, args, jax_result, flops, peak))
     print(common.markdown_table(HEADERS, rows[-1:]), flush=True)
     if torch_env is None or sampler not in TORCH_SAMPLERS:

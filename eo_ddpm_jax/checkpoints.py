@@ -15,9 +15,10 @@ import time
 from typing import Any
 
 from absl import logging
-import grain
 import jax
 import orbax.checkpoint as ocp
+# grain is imported only where the data iterator state is saved or restored, so that
+# sampling and the GPU benchmarks (whose machines lack grain) can import this module.
 
 _CHECKPOINT_SUBDIR = 'checkpoints'
 _UNRESTORABLE_SUBDIR = 'checkpoints_unrestorable'
@@ -127,6 +128,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: Any)
   Raises:
     OSError: disk full or unwritable directory, said plainly.
   """
+  import grain  # pylint: disable=g-import-not-at-top
   args = ocp.args.Composite(
       state=ocp.args.StandardSave(_host_copy_if_replicated(state)),
       data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)))
@@ -187,6 +189,7 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     step_dir = os.path.join(str(manager.directory), str(step))
     items = {'state': ocp.args.StandardRestore(abstract_state)}
     if restore_data:
+      import grain  # pylint: disable=g-import-not-at-top
       items['data'] = grain.checkpoint.CheckpointRestore(_IteratorState())
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
