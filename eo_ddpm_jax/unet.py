@@ -144,6 +144,54 @@ class PointwiseConv(nn.Module):
     return outs[0] if self.splits == 1 else outs
 
 
+class GroupNorm(nn.Module):
+  """PyTorch's GroupNorm (two-pass variance, per-channel affine) followed by the ResNet
+  block's time modulation x * (scale + 1) + shift, as one per-(image, channel)
+  multiply-add.
+
+  x: [B, H, W, C]; scale_shift: two [B, 1, 1, C] or None -> [B, H, W, C] in `dtype`.
+  Statistics in at least float32, the variance in two passes (bfloat16 activations
+  after a conv can have a large mean). Params 'scale' and 'bias' [C], as flax's GroupNorm.
+  """
+  num_groups: int
+  epsilon: float = 1e-5  # PyTorch's default.
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, scale_shift=None):
+    b, h, w, c = x.shape
+    if c % self.num_groups:
+      raise ValueError(f'GroupNorm: {c} channels do not split into {self.num_groups} '
+                       'groups; choose model.resnet_block_groups dividing every width.')
+    gain = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
+    stat_dtype = _at_least_f32(self.dtype)
+    x = x.astype(stat_dtype)
+    per_group = c // self.num_groups
+
+    def group_mean(channel_sums):
+      """[B, C] sums over H, W -> [B, 1, 1, C]: the mean over each channel's group."""
+      sums = channel_sums.reshape(b, self.num_groups, per_group).sum(-1, keepdims=True)
+      means = jnp.broadcast_to(sums / (h * w * per_group), (b, self.num_groups, per_group))
+      return means.reshape(b, 1, 1, c)
+
+    # Summing over H and W first, then over the group's few channels, is ~4x faster on
+    # XLA:CPU than reducing over (H, W, channels of the group) at once (64x64x32, batch
+    # 13, with the modulation and SiLU: forward 4.7 vs 17.9 ms, fwd+bwd 9.0 vs 26.4 ms).
+    mean = group_mean(jnp.sum(x, axis=(1, 2)))
+    variance = group_mean(jnp.sum(jnp.square(x - mean), axis=(1, 2)))
+    # Normalisation, affine and modulation folded into [B, 1, 1, C] factors, so the
+    # full-size tensor sees a single multiply-add (and its gradient stays cheap).
+    multiplier = jax.lax.rsqrt(variance + self.epsilon) * gain.astype(stat_dtype)
+    offset = bias.astype(stat_dtype) - mean * multiplier
+    if scale_shift is not None:
+      scale, shift = (v.astype(stat_dtype) for v in scale_shift)
+      multiplier = multiplier * (scale + 1)
+      offset = offset * (scale + 1) + shift
+    return (x * multiplier + offset).astype(self.dtype)
+
+
 class Block(nn.Module):
   """3x3 conv -> GroupNorm -> optional (scale + 1, shift) -> SiLU.
 
@@ -159,13 +207,8 @@ class Block(nn.Module):
   def __call__(self, x, scale_shift=None):
     x = nn.Conv(self.features, (3, 3), padding=1, dtype=self.dtype,
                 param_dtype=self.param_dtype, name='proj')(x)
-    # Two-pass variance: bfloat16 activations after a conv can have a large mean.
-    x = nn.GroupNorm(num_groups=self.groups, epsilon=self.norm_epsilon,
-                     use_fast_variance=False, dtype=self.dtype,
-                     param_dtype=self.param_dtype, name='norm')(x)
-    if scale_shift is not None:
-      scale, shift = scale_shift
-      x = x * (scale + 1) + shift
+    x = GroupNorm(self.groups, self.norm_epsilon, dtype=self.dtype,
+                  param_dtype=self.param_dtype, name='norm')(x, scale_shift)
     return nn.silu(x)
 
 
