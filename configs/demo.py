@@ -19,8 +19,8 @@ old dim=32 demo ran 240 steps in ~4.5 min).
 Sample grids use DDIM (25 steps; the final --mode=sample grid 50) to keep sampling short.
 
 Expected runtime (measured, 2 CPU cores, otherwise idle, one JAX CPU device per core):
-data 35 s + training 340 s (720 steps at ~0.28 s/step; compile, 12 checkpoints and 12
-grids included) + sampling 25 s = 6 min 41 s.
+data 38 s + training 320 s (720 steps at ~0.27 s/step; compile, 12 checkpoints and 12
+grids included) + sampling 28 s = 6 min 25 s.
 Expected result: the loss falls from ~1 to ~0.02 by step 600; the grids show smooth
 blobs in the right land/water colours (pinkish-tan fields, dark blue-green forest and
 water patches), free of border noise from epoch ~6, but no sharp field edges, rivers or
