@@ -53,7 +53,11 @@ def parse_args(argv):
   parser.add_argument('--top', type=int, default=15, help='Op kinds listed.')
   parser.add_argument('--dump_hlo', default='',
                       help='Folder for the optimised HLO (sets XLA_FLAGS=--xla_dump_to).')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.compare_torch:
+    parser.error('--compare-torch: bench.profile profiles JAX only; bench.train_step and '
+                 'bench.sample compare with the library.')
+  return args
 
 
 def build_program(args, config):
