@@ -149,23 +149,35 @@ def _free_port() -> int:
     return sock.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path, reference_run, data_dir, env):
-  """Two processes ("hosts", 2 CPU devices each, jax.distributed over gloo) train like one.
-
-  Each process reads its own half of every global batch; the step all-reduces over 4
-  devices in 2 processes; both write into one workdir (a shared filesystem).
-  """
-  workdir = str(tmp_path / 'two_hosts')
+def _run_two_processes(workdir, data_dir, env, *extra, mode='train'):
+  """Runs main in two processes ("hosts", 2 CPU devices each, jax.distributed over gloo)."""
   flags = ['--config.train.distributed=True', f'--config.train.coordinator_address='
            f'localhost:{_free_port()}', '--config.train.num_processes=2']
   run_env = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  hosts = [subprocess.Popen(_command(workdir, data_dir, *flags,
-                                     f'--config.train.process_id={i}'),
+  hosts = [subprocess.Popen(_command(workdir, data_dir, *extra, *flags,
+                                     f'--config.train.process_id={i}', mode=mode),
                             cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True) for i in range(2)]
   for host in hosts:
     _, stderr = host.communicate(timeout=600)
     assert host.returncode == 0, stderr[-5000:]
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory, data_dir, env):
+  """The reference run's training in two processes writing into one workdir."""
+  workdir = str(tmp_path_factory.mktemp('two_hosts'))
+  _run_two_processes(workdir, data_dir, env)
+  return workdir
+
+
+def test_two_processes_match_one_process(two_process_run, reference_run):
+  """Two processes train like one.
+
+  Each process reads its own half of every global batch; the step all-reduces over 4
+  devices in 2 processes; both write into one workdir (a shared filesystem).
+  """
+  workdir = two_process_run
   ref, two = _losses(reference_run), _losses(workdir)
   assert sorted(two) == sorted(ref)  # Logged once, by the first process.
   np.testing.assert_allclose([two[s] for s in sorted(two)], [ref[s] for s in sorted(ref)],
@@ -178,6 +190,27 @@ def test_two_processes_match_one_process(tmp_path, reference_run, data_dir, env)
   data_dir_files = os.listdir(os.path.join(workdir, 'checkpoints', str(FINAL_STEP), 'data'))
   assert sorted(f for f in data_dir_files if f.endswith('.json')) == [
       'process_0-of-2.json', 'process_1-of-2.json']
+
+
+def test_sample_mode_in_two_processes_matches_one_process(two_process_run, reference_run,
+                                                          data_dir, env):
+  """--mode=sample on 2 hosts: each restores the checkpoint, the images are gathered.
+
+  Image i comes from its own key on whichever device draws it, so the 2-process images
+  equal the 1-process images of the reference run up to the params' float differences.
+  """
+  flags = ['--config.sample.num_samples=5', '--config.sample.batch_size=2',
+           '--config.sample.sampler=ddim', '--config.sample.ddim_steps=3']
+  _run_two_processes(two_process_run, data_dir, env, *flags, mode='sample')
+  result = subprocess.run(_command(reference_run, data_dir, *flags, mode='sample'),
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  name = os.path.join('samples', f'step_{FINAL_STEP}_ddim3.npy')
+  two = np.load(os.path.join(two_process_run, name))
+  one = np.load(os.path.join(reference_run, name))
+  assert two.shape == one.shape == (5, 16, 16, 3)
+  np.testing.assert_allclose(two, one, atol=1e-3)
+  assert np.abs(one[1:] - one[:1]).max() > 0.1  # Distinct images, not one repeated.
 
 
 def test_sigkill_and_resume_equals_uninterrupted(tmp_path, reference_run, data_dir, env):
