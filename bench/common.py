@@ -55,6 +55,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                       help='Comma-separated width multipliers, one per resolution stage.')
   parser.add_argument('--image_size', type=int, default=128, help='Square image side, px.')
   parser.add_argument('--channels', type=int, default=3)
+  parser.add_argument('--attn_heads', type=int, default=4,
+                      help='Attention heads per stage (the library default, 4).')
+  parser.add_argument('--attn_dim_head', type=int, default=32,
+                      help='Attention head width (the library default, 32).')
   parser.add_argument('--precision', choices=('float32', 'bfloat16'), default='float32',
                       help='JAX: the U-Net compute dtype (params stay float32). torch: '
                            'bfloat16 runs the forward under torch.autocast(bfloat16).')
@@ -81,6 +85,12 @@ def parse_dim_mults(text: str) -> tuple[int, ...]:
   return tuple(int(v) for v in text.replace('(', '').replace(')', '').split(',') if v.strip())
 
 
+def describe_unet(args: argparse.Namespace) -> str:
+  """'U-Net dim=.., dim_mults=(..), attention HxD' for the tables' headings."""
+  return (f'U-Net dim={args.dim}, dim_mults=({args.dim_mults}), attention '
+          f'{args.attn_heads}x{args.attn_dim_head}')
+
+
 def study_config(args: argparse.Namespace, batch_size: int):
   """configs/default.py with the benchmark's architecture, size, precision and diffusion."""
   from configs import default  # pylint: disable=g-import-not-at-top
@@ -88,6 +98,8 @@ def study_config(args: argparse.Namespace, batch_size: int):
   config.model.dim = args.dim
   config.model.dim_mults = parse_dim_mults(args.dim_mults)
   config.model.channels = args.channels
+  config.model.attn_heads = args.attn_heads
+  config.model.attn_dim_head = args.attn_dim_head
   config.model.dtype = args.precision
   config.model.attention_impl = args.attention_impl
   config.data.image_size = args.image_size
@@ -315,7 +327,8 @@ def build_torch_diffusion(library, args: argparse.Namespace, device, *,
                           timesteps: int | None = None, sampling_timesteps: int | None = None):
   """The library's GaussianDiffusion(Unet(...)) with the benchmark's architecture."""
   unet = library.Unet(dim=args.dim, dim_mults=parse_dim_mults(args.dim_mults),
-                      channels=args.channels)
+                      channels=args.channels, attn_heads=args.attn_heads,
+                      attn_dim_head=args.attn_dim_head)
   model = library.GaussianDiffusion(
       unet, image_size=args.image_size, timesteps=timesteps or args.timesteps,
       sampling_timesteps=sampling_timesteps, objective=args.objective,

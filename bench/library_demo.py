@@ -60,7 +60,8 @@ def main(argv):
   torch.manual_seed(args.seed)
   data = torch.from_numpy((real + 1) / 2).permute(0, 3, 1, 2).contiguous()  # [0, 1]
   model = library.Unet(dim=config.model.dim, dim_mults=tuple(config.model.dim_mults),
-                       flash_attn=False)
+                       attn_heads=config.model.attn_heads,
+                       attn_dim_head=config.model.attn_dim_head, flash_attn=False)
   diffusion = library.GaussianDiffusion(
       model, image_size=config.data.image_size, timesteps=config.diffusion.timesteps,
       sampling_timesteps=config.train.grid_ddim_steps,

@@ -127,7 +127,7 @@ def main(argv):
   rows.append(('all ops (traced)', f'{traced:.1f} ms', '100%'))
   facts = common.jax_device_facts()
   notes = [
-      f'{description}: U-Net dim={args.dim}, dim_mults=({args.dim_mults}), batch '
+      f'{description}: {common.describe_unet(args)}, batch '
       f'{args.batch} of {args.image_size}x{args.image_size}x{args.channels}, '
       f'{args.precision}, one {facts["platform"]} device.',
       f'Untraced: {call_ms:.1f} ms per call (mean of {args.calls} calls after 3 '

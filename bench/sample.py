@@ -210,7 +210,7 @@ def main(argv):
 
   torch_env = None
   notes = [
-      f'U-Net dim={args.dim}, dim_mults=({args.dim_mults}), {args.num_images} images of '
+      f'{common.describe_unet(args)}, {args.num_images} images of '
       f'{args.image_size}x{args.image_size}x{args.channels}, T={args.timesteps} '
       f'{args.schedule}, {args.objective}; random (untrained) weights; JAX sharded over '
       f'{jax.device_count()} {jax.devices()[0].platform} device(s), '

@@ -63,7 +63,11 @@ def parse_args(argv):
   parser.add_argument('--no_torch_flops', dest='torch_flops', action='store_false',
                       help='Skip counting torch FLOPs (one extra eager step under '
                            'torch.utils.flop_counter).')
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  if args.interleave and args.torch_repeats is not None:
+    parser.error('--torch_repeats does not apply with --interleave: JAX and torch blocks '
+                 'come in pairs, --repeats of them.')
+  return args
 
 
 def study_steps() -> int:
@@ -289,7 +293,7 @@ def main(argv):
     time_and_finish(torch_result, args, args.torch_repeats or args.repeats)
   rows = [row('JAX (eo_ddpm_jax)', args.precision, args, jax_result, peak)]
   notes = [
-      f'U-Net dim={args.dim}, dim_mults=({args.dim_mults}), {args.image_size}x'
+      f'{common.describe_unet(args)}, {args.image_size}x'
       f'{args.image_size}x{args.channels}, T={args.timesteps} {args.schedule}, '
       f'{args.objective}; synthetic batch sharded over {jax.device_count()} '
       f'{jax.devices()[0].platform} device(s).',
