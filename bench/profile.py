@@ -54,9 +54,13 @@ def parse_args(argv):
   parser.add_argument('--dump_hlo', default='',
                       help='Folder for the optimised HLO (sets XLA_FLAGS=--xla_dump_to).')
   args = parser.parse_args(argv)
-  if args.compare_torch:
-    parser.error('--compare-torch: bench.profile profiles JAX only; bench.train_step and '
-                 'bench.sample compare with the library.')
+  # The shared flags include the library comparison's; this script profiles JAX only.
+  if args.compare_torch or args.torch_threads:
+    parser.error('--compare-torch/--torch_threads: bench.profile profiles JAX only; '
+                 'bench.train_step and bench.sample compare with the library.')
+  if args.peak_tflops is not None:
+    parser.error('--peak_tflops: bench.profile reports time per op, not utilisation; '
+                 'bench.train_step and bench.sample report the MFU.')
   return args
 
 
