@@ -27,8 +27,8 @@ water patches), free of border noise from epoch ~6, but no sharp field edges, ri
 towns: terrain structure needs far more steps than fit in a CPU demo. The library itself,
 trained with these settings on the same patches (`python -m bench.library_demo`), gives
 the same blobs at 720 steps. Nearly 3x the steps is not enough either: 2,040 steps (34
-epochs, ~13 min on one core) give forest, field and urban regions in the right colours
-with sharper borders, but still no field parcels or rivers.
+epochs, ~14 min on one core, grids included) give forest, field and urban regions in the
+right colours with sharper borders, but still no field parcels or rivers.
 """
 
 from configs import default
