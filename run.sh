@@ -3,7 +3,7 @@
 #   ./run.sh setup                 create .venv and install the package with extras
 #   ./run.sh demo                  synthetic SEN12MS -> TFDS -> train configs/demo.py -> samples
 #   ./run.sh test [pytest args]    the test suite
-#   ./run.sh compare               demo data -> configs/demo.py with each schedule -> evaluate
+#   ./run.sh compare               demo data -> configs/demo_study.py with each schedule -> evaluate
 #                                  -> runs/demo_report/report.html (about 35 min on 2 cores)
 #   ./run.sh paper --manual_dir=DIR [--data_dir=DIR]   the study: linear, cosine, sigmoid runs
 set -euo pipefail
@@ -60,13 +60,13 @@ compare() {
   local data=data/demo runs=()
   demo_data
   for schedule in linear cosine sigmoid; do
-    local args=(--config=configs/demo.py --workdir="runs/demo_$schedule"
+    local args=(--config=configs/demo_study.py --workdir="runs/demo_$schedule"
                 --config.data.data_dir="$data/tfds" --config.diffusion.schedule="$schedule")
     "$PY" -m eo_ddpm_jax.main "${args[@]}"
     "$PY" -m eo_ddpm_jax.main "${args[@]}" --mode=evaluate
     runs+=("runs/demo_$schedule")
   done
-  "$PY" -m eo_ddpm_jax.main --config=configs/demo.py --workdir=runs/demo_report --mode=report \
+  "$PY" -m eo_ddpm_jax.main --config=configs/demo_study.py --workdir=runs/demo_report --mode=report \
     --config.data.data_dir="$data/tfds" --report_workdirs="$(IFS=,; echo "${runs[*]}")"
   echo "[run.sh] compare done: see runs/demo_report/report.html"
 }

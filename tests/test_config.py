@@ -30,10 +30,21 @@ def test_study_configs_hold_the_studys_settings(name):
   config_check.check_config(config, num_devices=1, need_data=False)
 
 
-def test_demo_config_is_valid():
-  config = importlib.import_module('configs.demo').get_config()
-  config_check.check_config(config, num_devices=1, need_data=False)
+@pytest.mark.parametrize('name', ['demo', 'demo_study'])
+def test_demo_configs_are_valid(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_check.check_config(config, num_devices=2, need_data=False)
   assert config.data.image_size == 32
+  # Evaluation reads per-epoch checkpoints (60 steps an epoch): each asked-for step is one.
+  total_steps = config.train.num_epochs * 480 // config.train.batch_size
+  assert all(s % 60 == 0 and s <= total_steps for s in config.eval.checkpoint_steps)
+
+
+def test_demo_study_keeps_the_studys_recipe():
+  config = importlib.import_module('configs.demo_study').get_config()
+  assert (config.diffusion.schedule, config.diffusion.objective) == ('sigmoid', 'pred_noise')
+  assert config.diffusion.input_scale == 1.0 and config.diffusion.timesteps == 500
+  assert (config.model.attn_heads, config.model.attn_dim_head) == (4, 32)
 
 
 @pytest.mark.parametrize('key, value, num_devices, pattern', [
