@@ -76,7 +76,8 @@ def images_sampled_alone(sampler):
 def reference_images(sampler, config, model, schedule, params, rng, count):
   """Image i sampled alone (batch 1) from fold_in(rng, i), by the diffusion functions."""
   schedule = schedules.schedule_as(schedule, jnp.float32)
-  common = dict(objective=config.diffusion.objective, clip_denoised=True)
+  common = dict(objective=config.diffusion.objective,
+                input_scale=config.diffusion.input_scale, clip_denoised=True)
   run = {'ddpm': lambda *a: diffusion.ddpm_sample(*a, **common),
          'ddim': lambda *a: diffusion.ddim_sample(*a, num_steps=STEPS, eta=0.5, **common),
          'dpm_solver': lambda *a: dpm_solver.dpm_solver_2m_sample(*a, num_steps=STEPS,
