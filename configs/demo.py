@@ -20,13 +20,13 @@ CPU core, 2,400 steps unless said):
 - pred_v: with b = 6, pred_noise gave saturated yellow/blue tiles (16x the real patches'
   low-frequency power at 900 steps); pred_v has the right colours with b = 1 and b = 6.
   (Kurtosis, b = 4 vs 6 at 720 steps: 7.8 vs 9.1; b = 10 vs 6 at 480 steps: 6.5 vs 6.7.)
-- linear attention of 1 head x 8 instead of 4 x 32: ~0.15 s per step on 2 cores instead of
+- linear attention of 1 head x 8 instead of 4 x 32: ~0.16 s per step on 2 cores instead of
   0.27 s, so 1,800 steps fit (the grids looked alike at 720 steps with 4 x 32 and 1 x 8).
 Result: patchworks of tan and green fields with sharp edges and grey speckled towns in
 the right colours, like the real patches' fields and towns; not yet their straight
 parcel borders, rivers or large dark forests.
 
-Measured (2 CPU cores, otherwise idle, one JAX CPU device per core): see README.
+Measured on 2 CPU cores: 8 min 28 s for `./run.sh demo` on a fresh clone (README).
 """
 
 from configs import demo_study
