@@ -1,7 +1,7 @@
 """The study's recipe in miniature: a small U-Net on synthetic SEN12MS at 32x32, 720 steps.
 
-What `./run.sh compare` trains once per schedule (the schedule comparison of README,
-"Evaluating and reporting", and docs/demo_report/) and what `python -m bench.library_demo`
+What `./run.sh compare` trains once per schedule (README, "Evaluating runs and
+comparing schedules", and docs/demo_report/) and what `python -m bench.library_demo`
 gives the PyTorch library. `configs/demo.py`, the README's demo, starts from it.
 
   python -m eo_ddpm_jax.main --config=configs/demo_study.py --workdir=runs/demo_study \
