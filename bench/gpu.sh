@@ -96,9 +96,11 @@ run sample_f32 "sample float32" -m bench.sample "${COMMON[@]}" "${SAMPLE_TIMING[
 run train_bf16_b64 "train bfloat16 b${LARGE_BATCHES[0]}" -m bench.train_step \
     "${COMMON[@]}" "${TRAIN_TIMING[@]}" --precision bfloat16 \
     --batch "${LARGE_BATCHES[0]}" --compare-torch
-# JAX alone: it may take 90% of the GPU's memory (common.py's default leaves room for
-# torch in the same process).
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
+# JAX alone: it may take 90% of the GPU's memory, preallocated (common.py's default,
+# allocation on demand, leaves room for torch in the same process; on an 80 GB H100 it
+# could not place this step's one 47.8 GiB buffer even at 90%: a pool fragmented by
+# growth, as JAX's GPU memory docs warn).
+XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
 run train_bf16_b256 "train bfloat16 b${LARGE_BATCHES[1]}" -m bench.train_step \
     "${COMMON[@]}" "${TRAIN_TIMING[@]}" --precision bfloat16 --batch "${LARGE_BATCHES[1]}"
 echo

@@ -1,11 +1,14 @@
 """Where the time goes: the compiled train step or U-Net forward, broken down by XLA op.
 
 Runs the program under `jax.profiler.trace` on one device, reads the trace back with
-`jax.profiler.ProfileData`, and sums the events of the XLA threads by op kind: the
-fusion's name without its number (`ynn_fusion`, `transpose_copy_fusion`, ...). Each
-op kind's time is per call of the program; YNNPACK fusions (convolutions, dots and
-reductions) share one kind, so `--dump_hlo DIR` also writes the optimised HLO to match
-op names against. Appends the table to bench/RESULTS.md.
+`jax.profiler.ProfileData`, and sums the events of the XLA threads (CPU) or the GPU's
+kernels by op kind: the fusion's name without its number (`ynn_fusion`,
+`input_reduce_fusion`, ...; cuDNN and cuBLAS kernels by their name's start). On a GPU
+a second table lists the kernels one by one. Times are per call of the program;
+YNNPACK fusions (convolutions, dots and reductions) share one kind, so `--dump_hlo DIR`
+also writes the optimised HLO to match op names against, and `--trace_dir DIR` keeps
+the trace (TensorBoard's profile plugin opens it). Appends the tables to
+bench/RESULTS.md.
 
   python -m bench.profile --dim 32 --dim_mults 1,2,4 --image_size 64 --batch 4 \
       --program train_step
@@ -28,6 +31,7 @@ import collections
 import functools
 import glob
 import os
+import re
 import sys
 import tempfile
 import time
@@ -51,6 +55,8 @@ def parse_args(argv):
                            'forward: one U-Net forward, as each sampling step runs it.')
   parser.add_argument('--calls', type=int, default=5, help='Profiled calls (after 3 warm-up).')
   parser.add_argument('--top', type=int, default=15, help='Op kinds listed.')
+  parser.add_argument('--trace_dir', default='',
+                      help='Keep the profiler trace here (TensorBoard/XProf can open it).')
   parser.add_argument('--dump_hlo', default='',
                       help='Folder for the optimised HLO (sets XLA_FLAGS=--xla_dump_to).')
   args = parser.parse_args(argv)
@@ -90,20 +96,34 @@ def build_program(args, config):
   return run, 'full train step'
 
 
-def op_times(trace_dir: str, calls: int) -> collections.Counter:
-  """Milliseconds per call by op kind, summed over the XLA threads' events."""
+def _op_kind(name: str) -> str:
+  """One row per kind of op: 'loop_add_fusion.12' (CPU op) and 'loop_add_fusion_12'
+  (GPU kernel) -> 'loop_add_fusion'; library kernels (cuDNN, cuBLAS) by their first 40
+  characters, which name the algorithm ('sm90_xmma_wgrad_...')."""
+  return re.sub(r'[._]\d+$', '', name)[:40]
+
+
+def op_times(trace_dir: str, calls: int) -> tuple[collections.Counter, collections.Counter]:
+  """Milliseconds per call by op kind, and by GPU kernel (empty on a CPU).
+
+  CPU: the events of the XLA threads. GPU: the kernels on the device plane's streams.
+  """
   path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True))[-1]
-  totals = collections.Counter()
+  ops, kernels = collections.Counter(), collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(path).planes:
+    on_gpu = plane.name.startswith('/device:GPU')
     for line in plane.lines:
-      if not line.name.startswith('tf_XLA'):
+      if not (line.name.startswith('Stream') if on_gpu else line.name.startswith('tf_XLA')):
         continue  # Python and runtime threads.
       for event in line.events:
         # The executor's own spans enclose the ops; 'end: x' marks a finished async op.
         if event.name.startswith(('ThunkExecutor', 'end: ')):
           continue
-        totals[event.name.split('.')[0]] += event.duration_ns / 1e6 / calls
-  return totals
+        ms = event.duration_ns / 1e6 / calls
+        ops[_op_kind(event.name)] += ms
+        if on_gpu:
+          kernels[event.name[:90]] += ms
+  return ops, kernels
 
 
 def main(argv):
@@ -119,29 +139,37 @@ def main(argv):
   for _ in range(args.calls):
     run()
   call_ms = (time.perf_counter() - start) / args.calls * 1e3
-  with tempfile.TemporaryDirectory() as trace_dir:
+  with tempfile.TemporaryDirectory() as temp_dir:
+    trace_dir = args.trace_dir or temp_dir
     with jax.profiler.trace(trace_dir):
       for _ in range(args.calls):
         run()
-    totals = op_times(trace_dir, args.calls)
+    ops, kernels = op_times(trace_dir, args.calls)
 
-  traced = sum(totals.values())
-  rows = [(kind, f'{ms:.1f} ms', f'{ms / traced:.1%}')
-          for kind, ms in totals.most_common(args.top)]
+  traced = sum(ops.values())
+  rows = [(kind, f'{ms:.2f} ms', f'{ms / traced:.1%}')
+          for kind, ms in ops.most_common(args.top)]
   rows.append(('all ops (traced)', f'{traced:.1f} ms', '100%'))
+  table = common.markdown_table(['op kind', 'time per call', 'share'], rows)
+  if kernels:
+    busy = sum(kernels.values())
+    rows = [(f'`{name}`', f'{ms:.2f} ms', f'{ms / busy:.1%}')
+            for name, ms in kernels.most_common(args.top)]
+    rows.append(('all kernels', f'{busy:.1f} ms', f'{busy / call_ms:.0%} of the call'))
+    table += '\n\n' + common.markdown_table(['GPU kernel', 'time per call', 'share'], rows)
   facts = common.jax_device_facts()
   notes = [
       f'{description}: {common.describe_unet(args)}, batch '
       f'{args.batch} of {args.image_size}x{args.image_size}x{args.channels}, '
       f'{args.precision}, one {facts["platform"]} device.',
       f'Untraced: {call_ms:.1f} ms per call (mean of {args.calls} calls after 3 '
-      'warm-up calls). Traced: op events of the XLA threads per call; tracing adds a few %.',
+      'warm-up calls). Traced: op events of the XLA threads (CPU) or kernels of the GPU\'s '
+      'streams per call; tracing adds a few %. On a GPU, the kernels\' total over the '
+      'call time is how busy the GPU was.',
       args.note,
   ]
   common.report(f'Profile by XLA op, {description}, {args.precision}, batch {args.batch}, '
-                f'{facts["platform"]}',
-                common.markdown_table(['op kind', 'time per call', 'share'], rows),
-                notes, args.results)
+                f'{facts["platform"]}', table, notes, args.results)
 
 
 if __name__ == '__main__':

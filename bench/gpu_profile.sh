@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Where an NVIDIA GPU's time goes in the study model's train step (dim 64, (1,2,4),
+# 128x128, T=500), and its model-FLOPs utilisation at batch 256 in bfloat16.
+#
+# Needs JAX (CUDA), Flax, Optax and ml_collections; synthetic batches, no torch. Runs,
+# each under its own timeout, all within about 6 minutes on an H100:
+#   1. bench.train_step, bfloat16, batch 256: images/s and MFU;
+#   2. the same from the checkout in $BASELINE_DIR, when set (a copy of an older commit's
+#      eo_ddpm_jax/, bench/ and configs/), to measure a change on the same card;
+#   3. bench.profile of that step: time per XLA op kind and per GPU kernel, with the
+#      trace and the optimised HLO kept (to read op names against);
+#   4. bench.profile of the study's own step (batch 8, float32).
+# Tables go to $OUT/gpu_profile.md (else bench/gpu_profile/gpu_profile.md); traces and
+# HLO are packed into gpu_profile_traces.tgz beside it.
+#
+#   bash bench/gpu_profile.sh                       # on the GPU machine
+#   BASELINE_DIR=/path/to/old bash bench/gpu_profile.sh
+#   BENCH_LARGE_BATCH=128 bash bench/gpu_profile.sh  # if 256 does not fit the card
+#   BENCH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu_profile.sh   # tiny, any machine
+set -u
+
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+PYTHON="${PYTHON:-python3}"
+OUT_DIR="${OUT:-bench/gpu_profile}"
+RESULTS="$(realpath -m "$OUT_DIR/gpu_profile.md")"
+WORK="$(mktemp -d)"
+CMD_TIMEOUT_S="${BENCH_CMD_TIMEOUT_S:-150}"
+# No torch here, so JAX may take 90% of the card, preallocated: with preallocation off
+# (bench/common.py's default, which leaves room for torch) the batch-256 step's one
+# 47.8 GiB buffer did not fit on an 80 GB H100 even at 90% (2026-11-27), a pool
+# fragmented by growth (JAX's GPU memory docs); on a 141 GB H200 it ran (49.0 GiB peak).
+export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-true}"
+export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
+
+if [[ "${BENCH_SMOKE:-0}" == "1" ]]; then
+  MODEL=(--dim 16 --dim_mults 1,2 --image_size 32)
+  LARGE=4; SMALL=2
+  TIMING=(--warmup_steps 1 --steps_per_repeat 2 --repeats 2)
+else
+  MODEL=(--dim 64 --dim_mults 1,2,4 --image_size 128)
+  LARGE="${BENCH_LARGE_BATCH:-256}"; SMALL=8
+  TIMING=(--warmup_steps 2 --steps_per_repeat 10 --repeats 3)
+fi
+COMMON=("${MODEL[@]}" --timesteps 500 --schedule sigmoid --objective pred_noise)
+
+mkdir -p "$OUT_DIR"
+{
+  echo "# GPU profile run $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "- nvidia-smi: $(nvidia-smi -L 2>/dev/null | head -n 1)"
+  echo "- BASELINE_DIR=${BASELINE_DIR:-unset}, BENCH_SMOKE=${BENCH_SMOKE:-0}"
+} >>"$RESULTS"
+
+FAILED=()
+run() {
+  # run NAME DIR ARGS...: one python command in DIR under the timeout.
+  local name="$1" dir="$2"; shift 2
+  echo "== $name (${SECONDS}s elapsed)"
+  local start=$SECONDS
+  (cd "$dir" && timeout --kill-after=10 "$CMD_TIMEOUT_S" "$PYTHON" "$@")
+  local rc=$?
+  echo "== $name: exit $rc after $((SECONDS - start))s"
+  if ((rc != 0)); then
+    FAILED+=("$name (exit $rc)")
+    echo "- $name failed with exit $rc" >>"$RESULTS"
+  fi
+}
+
+run "train bfloat16 b$LARGE" . -m bench.train_step "${COMMON[@]}" "${TIMING[@]}" \
+    --precision bfloat16 --batch "$LARGE" --results "$RESULTS"
+if [[ -n "${BASELINE_DIR:-}" ]]; then
+  run "train bfloat16 b$LARGE, baseline" "$BASELINE_DIR" -m bench.train_step \
+      "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" \
+      --results "$RESULTS" --note "Baseline checkout: $BASELINE_DIR."
+fi
+run "profile bfloat16 b$LARGE" . -m bench.profile "${COMMON[@]}" --precision bfloat16 \
+    --batch "$LARGE" --calls 3 --top 30 --trace_dir "$WORK/trace_b$LARGE" \
+    --dump_hlo "$WORK/hlo_b$LARGE" --results "$RESULTS"
+run "profile float32 b$SMALL" . -m bench.profile "${COMMON[@]}" --precision float32 \
+    --batch "$SMALL" --calls 5 --top 20 --trace_dir "$WORK/trace_b$SMALL" \
+    --results "$RESULTS"
+
+# Only the optimised train-step modules of the HLO dump: the rest is large and unused.
+find "$WORK" -path '*hlo_*' -type f ! -name '*train_step*after_optimizations.txt' -delete
+tar -czf "$OUT_DIR/gpu_profile_traces.tgz" -C "$WORK" .
+rm -rf "$WORK"
+echo
+cat "$RESULTS"
+echo
+echo "Total ${SECONDS}s; failed: ${FAILED[*]:-none}"
