@@ -101,24 +101,37 @@ def _linear_attention_by_concatenation(q, k, v, mem_kv, scale):
   return jnp.einsum('bhde,bnhd->bnhe', context, q)
 
 
+def _linear_attention_as_the_library_groups_it(q, k, y, w_v, w_out, mem_kv, scale):
+  """v = y w_v, the concatenated attention, then the output projection over (head, e)."""
+  v = jnp.einsum('bnc,che->bnhe', y, w_v)
+  out = _linear_attention_by_concatenation(q, k, v, mem_kv, scale)
+  return jnp.einsum('bnhe,hef->bnf', out, w_out)
+
+
 def test_linear_attention_matches_the_concatenated_softmax(x64):
-  """Values and gradients (q, k, v, memory) equal the concatenate-then-softmax form;
-  large key logits check the max subtraction."""
+  """Values and gradients (q, k, input, both projections, memory) equal the library's
+  order of operations: project v, concatenate the memory, softmax, project the output.
+  Large key logits check the max subtraction."""
   rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.standard_normal((2, 12, 3, 4)) * 3) for _ in range(3))
+  b, n, heads, d, c, f = 2, 12, 3, 4, 5, 6
+  q, k = (jnp.asarray(rng.standard_normal((b, n, heads, d)) * 3) for _ in range(2))
   k = k.at[0, 5, 1, 2].set(80.0)  # exp(80) would dominate without the shift.
-  mem_kv = jnp.asarray(rng.standard_normal((2, 4, 3, 4)))
-  weights = jnp.asarray(rng.standard_normal((2, 12, 3, 4)))
+  y = jnp.asarray(rng.standard_normal((b, n, c)))
+  w_v = jnp.asarray(rng.standard_normal((c, heads, d)))
+  w_out = jnp.asarray(rng.standard_normal((heads, d, f)))
+  mem_kv = jnp.asarray(rng.standard_normal((2, 4, heads, d)))
+  weights = jnp.asarray(rng.standard_normal((b, n, f)))
+  args = (q, k, y, w_v, w_out, mem_kv)
 
   def loss(fn):
     return lambda *args: jnp.sum(jnp.sin(fn(*args, 0.5)) * weights)
 
-  np.testing.assert_allclose(unet.linear_attention(q, k, v, mem_kv, 0.5),
-                             _linear_attention_by_concatenation(q, k, v, mem_kv, 0.5),
+  np.testing.assert_allclose(unet.linear_attention(*args, 0.5),
+                             _linear_attention_as_the_library_groups_it(*args, 0.5),
                              rtol=1e-12, atol=1e-12)
-  grads = jax.grad(loss(unet.linear_attention), argnums=(0, 1, 2, 3))(q, k, v, mem_kv)
-  expected = jax.grad(loss(_linear_attention_by_concatenation), argnums=(0, 1, 2, 3))(
-      q, k, v, mem_kv)
+  argnums = tuple(range(len(args)))
+  grads = jax.grad(loss(unet.linear_attention), argnums)(*args)
+  expected = jax.grad(loss(_linear_attention_as_the_library_groups_it), argnums)(*args)
   for got, want in zip(grads, expected):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
