@@ -26,7 +26,7 @@ Result: patchworks of tan and green fields with sharp edges and grey speckled to
 the right colours, like the real patches' fields and towns; not yet their straight
 parcel borders, rivers or large dark forests.
 
-Measured on 2 CPU cores: 8 min 28 s for `./run.sh demo` on a fresh clone (README).
+Measured on 2 CPU cores: 7 min 25 s of training in `./run.sh demo` on a fresh clone (README).
 """
 
 from configs import demo_study

@@ -260,7 +260,8 @@ class ResnetBlock(nn.Module):
 
 
 def _split_heads(x: jax.Array, heads: int, dim_head: int) -> jax.Array:
-  """[B, H, W or N, heads*dim_head] -> [B, H*W, heads, dim_head] (the library's '(h c)')."""
+  """[B, H, W, heads*dim_head] or [B, N, heads*dim_head] -> [B, N, heads, dim_head], N = H*W
+  (the library's '(h c)')."""
   return x.reshape(x.shape[0], -1, heads, dim_head)
 
 
