@@ -336,22 +336,16 @@ class _AttentionSettings(nn.Module):
   param_dtype: Dtype = jnp.float32
 
 
-def _normed_qkv(attn: '_AttentionSettings', x: jax.Array):
-  """The shared head of both attentions: RMSNorm, 1x1 conv to q/k/v, memory key/values.
+def _memory_and_normed_input(attn: '_AttentionSettings', x: jax.Array):
+  """The shared head of both attentions: the learned memory key/values and the RMSNorm.
 
-  Called inside `attn`'s compact __call__, so the params it makes ('mem_kv', 'norm',
-  'to_qkv') belong to `attn`. x: [B, H, W, C] -> q, k, v [B, H*W, heads, d] and mem_kv
-  [2, M, heads, d].
+  Called inside `attn`'s compact __call__, so the params it makes ('mem_kv', 'norm')
+  belong to `attn`. x: [B, H, W, C] -> mem_kv [2, M, heads, d] and the normed x.
   """
-  kw = dict(dtype=attn.dtype, param_dtype=attn.param_dtype)
   mem_kv = attn.param('mem_kv', nn.initializers.normal(1.0),
                       (2, attn.num_mem_kv, attn.heads, attn.dim_head), attn.param_dtype)
-  y = RMSNorm(name='norm', **kw)(x)
-  # Output channels (qkv, head, dim): the library's `chunk(3)`, then '(h c)'.
-  qkv = PointwiseConv(3 * attn.heads * attn.dim_head, use_bias=False, splits=3,
-                      name='to_qkv', **kw)(y)
-  q, k, v = (_split_heads(part, attn.heads, attn.dim_head) for part in qkv)
-  return q, k, v, mem_kv
+  y = RMSNorm(name='norm', dtype=attn.dtype, param_dtype=attn.param_dtype)(x)
+  return mem_kv, y
 
 
 class LinearAttention(_AttentionSettings):
@@ -369,9 +363,8 @@ class LinearAttention(_AttentionSettings):
     b, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = self.heads * self.dim_head
-    mem_kv = self.param('mem_kv', nn.initializers.normal(1.0),
-                        (2, self.num_mem_kv, self.heads, self.dim_head), self.param_dtype)
-    y = RMSNorm(name='norm', **kw)(x).reshape(b, h * w, c)
+    mem_kv, y = _memory_and_normed_input(self, x)
+    y = y.reshape(b, h * w, c)
     w_qkv, _ = PointwiseKernel(c, 3 * hidden, use_bias=False, name='to_qkv', **kw)()
     w_out, bias = PointwiseKernel(hidden, c, name='to_out', **kw)()
     # Output channels (qkv, head, dim): the library's `chunk(3)`, then '(h c)'. q and k
@@ -401,7 +394,10 @@ class Attention(_AttentionSettings):
     b, h, w, c = x.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     hidden = self.heads * self.dim_head
-    q, k, v, mem_kv = _normed_qkv(self, x)
+    mem_kv, y = _memory_and_normed_input(self, x)
+    # Output channels (qkv, head, dim): the library's `chunk(3)`, then '(h c)'.
+    qkv = PointwiseConv(3 * hidden, use_bias=False, splits=3, name='to_qkv', **kw)(y)
+    q, k, v = (_split_heads(part, self.heads, self.dim_head) for part in qkv)
     k, v = _with_memory(mem_kv, k, v, self.dtype)
     scale = self.dim_head**-0.5
     if self.impl == 'cudnn':
