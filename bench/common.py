@@ -32,6 +32,18 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # configs/ and eo_ddpm_jax/ are imported from the checkout, whatever the working directory.
 if REPO_ROOT not in sys.path:
   sys.path.insert(0, REPO_ROOT)
+
+from eo_ddpm_jax import host_memory  # pylint: disable=g-import-not-at-top
+
+# As main.py does on a CPU-only host (train.cpu_keep_freed_memory): XLA:CPU reuses its
+# freed buffers instead of faulting in fresh pages every step. Before any backend or torch
+# thread allocates. BENCH_SYSTEM_MALLOC=1 keeps the C library's defaults, for A/B runs.
+if os.environ.get('BENCH_SYSTEM_MALLOC') != '1' and host_memory.jax_runs_on_cpu():
+  HOST_MALLOC = ('freed memory kept for reuse (eo_ddpm_jax.host_memory; torch runs under '
+                 'it too)' if host_memory.keep_freed_memory() else 'the C library\'s defaults')
+else:
+  HOST_MALLOC = 'the C library\'s defaults'
+
 DEFAULT_RESULTS = os.path.join(REPO_ROOT, 'bench', 'RESULTS.md')
 RESULTS_HEADER = '# eo_ddpm_jax benchmark results\n'
 
@@ -367,6 +379,7 @@ def report(title: str, table: str, notes: Sequence[str], results_path: str) -> s
       f'- Machine: {machine_line()}',
       f'- Versions: {versions_line()}',
       f'- Command: `{command_line()}`',
+      f'- Host malloc: {HOST_MALLOC}.',
       *[f'- {note}' for note in notes if note],
       '', table, ''])
   print(section, flush=True)

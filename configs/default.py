@@ -109,6 +109,10 @@ def get_config() -> ml_collections.ConfigDict:
   # (XLA:CPU runs one small conv on one core). 0: one per core that divides the batch;
   # 1: JAX's default single device. Ignored when XLA_FLAGS sets the count.
   train.cpu_devices = 0
+  # On a CPU-only host, glibc malloc keeps freed memory (eo_ddpm_jax.host_memory): XLA:CPU
+  # reuses each step's ~0.7 GiB of buffers instead of faulting in new pages (~10% faster
+  # steps, a higher resident peak). False: the C library's defaults.
+  train.cpu_keep_freed_memory = True
 
   # --- sample: --mode=sample.
   config.sample = sample = ml_collections.ConfigDict()

@@ -17,6 +17,7 @@ from ml_collections import config_flags
 
 from eo_ddpm_jax import cpu_devices
 from eo_ddpm_jax import evaluate
+from eo_ddpm_jax import host_memory
 from eo_ddpm_jax import report
 from eo_ddpm_jax import sampling
 from eo_ddpm_jax import torch_import
@@ -74,8 +75,10 @@ def main(argv) -> None:
   if FLAGS.config is None and FLAGS.mode != 'import_torch':
     raise app.UsageError(f'--config is required for --mode={FLAGS.mode}, e.g. --config='
                          'configs/demo.py (an imported run: --config=<workdir>/config.py).')
-  # Both before anything touches a device.
+  # All before anything touches a device.
   if FLAGS.config is not None:
+    if FLAGS.config.train.get('cpu_keep_freed_memory', True) and host_memory.jax_runs_on_cpu():
+      host_memory.keep_freed_memory()
     cpu_devices.configure(FLAGS.config.train)
     if FLAGS.config.train.distributed:
       train.initialize_distributed(FLAGS.config.train)
