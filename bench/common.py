@@ -35,10 +35,10 @@ if REPO_ROOT not in sys.path:
 
 from eo_ddpm_jax import host_memory  # pylint: disable=g-import-not-at-top
 
-# As main.py does on a CPU-only host (train.cpu_keep_freed_memory): XLA:CPU reuses its
-# freed buffers instead of faulting in fresh pages every step. Before any backend or torch
-# thread allocates. BENCH_SYSTEM_MALLOC=1 keeps the C library's defaults, for A/B runs.
-if os.environ.get('BENCH_SYSTEM_MALLOC') != '1' and host_memory.jax_runs_on_cpu():
+# BENCH_KEEP_FREED_MEMORY=1 does what main.py's train.cpu_keep_freed_memory=True does on a
+# CPU-only host (XLA:CPU reuses its freed buffers instead of faulting in fresh pages every
+# step); off by default, as in main.py. Here, before any backend or torch thread allocates.
+if os.environ.get('BENCH_KEEP_FREED_MEMORY') == '1' and host_memory.jax_runs_on_cpu():
   HOST_MALLOC = ('freed memory kept for reuse (eo_ddpm_jax.host_memory; torch runs under '
                  'it too)' if host_memory.keep_freed_memory() else 'the C library\'s defaults')
 else:

@@ -109,10 +109,11 @@ def get_config() -> ml_collections.ConfigDict:
   # (XLA:CPU runs one small conv on one core). 0: one per core that divides the batch;
   # 1: JAX's default single device. Ignored when XLA_FLAGS sets the count.
   train.cpu_devices = 0
-  # On a CPU-only host, glibc malloc keeps freed memory (eo_ddpm_jax.host_memory): XLA:CPU
-  # reuses each step's ~0.7 GiB of buffers instead of faulting in new pages (~10% faster
-  # steps, a higher resident peak). False: the C library's defaults.
-  train.cpu_keep_freed_memory = True
+  # True: on a CPU-only host glibc malloc keeps freed memory (eo_ddpm_jax.host_memory), so
+  # XLA:CPU reuses a large step's buffers instead of faulting in new pages: the bench's
+  # step (dim 32, 64x64, batch 8) 10% faster, but the demo's small steps 2.3x slower
+  # (one malloc arena for all threads). Off by default; measure before turning it on.
+  train.cpu_keep_freed_memory = False
 
   # --- sample: --mode=sample.
   config.sample = sample = ml_collections.ConfigDict()

@@ -6,8 +6,10 @@ serves blocks above 32 MiB with a fresh mmap and unmaps them when freed, so each
 touches new pages: 174,000 page faults per step here, each one a kernel entry and a
 zeroed 4 KiB page. With mmap off and one malloc arena, freed blocks go back to malloc's
 heap, which is not trimmed, and the next step reuses them: 0 faults, and the train step
-~10% faster on the 2-core VM (bench/RESULTS.md). The cost: the heap keeps its high-water
-mark (peak RSS 2.5-3.1 GiB against 2.0 GiB in that bench).
+~10% faster on the 2-core VM (bench/RESULTS.md). The costs: the heap keeps its
+high-water mark (peak RSS 2.5-3.1 GiB against 2.0 GiB in that bench), and all threads
+share one arena: the demo's small steps (batch 6, 32x32, with the tf.data pipeline) ran
+2.3x slower. So it is opt-in (`train.cpu_keep_freed_memory`, `BENCH_KEEP_FREED_MEMORY=1`).
 
 Only glibc has these knobs (`mallopt`); elsewhere nothing changes. Call before JAX
 starts its backend: the one-arena limit binds threads that have not allocated yet.
