@@ -11,6 +11,7 @@ FID exactly). The distances are float64 NumPy on the host.
 
 import os
 from typing import Callable, Iterable
+import uuid
 
 import numpy as np
 import scipy.linalg
@@ -183,7 +184,9 @@ def _cached_real(data_dir: str, split: str, image_size: int, num_samples: int,
     raise ValueError(f'expected features of {num_samples} real images, got {features.shape[0]}')
   mu, sigma = feature_statistics(features)
   features = features.astype(np.float32)  # The network's own precision.
-  tmp_path = path + '.tmp.npz'  # Written whole, then renamed: no partial cache file.
+  # Written whole, then renamed: no partial cache file. The temporary name is this
+  # writer's own, as the hosts of a multi-host run miss the cache together.
+  tmp_path = f'{path}.{uuid.uuid4().hex}.tmp.npz'
   np.savez(tmp_path, features=features, mu=mu, sigma=sigma, key=key)
   os.replace(tmp_path, path)
   return {'features': features, 'mu': mu, 'sigma': sigma}

@@ -114,6 +114,33 @@ def test_real_statistics_are_cached_by_key(tmp_path):
     fid.cached_real_statistics(data_dir, 'train', 128, 7, compute)
 
 
+def test_hosts_missing_the_cache_together_each_write_their_own_file(tmp_path, monkeypatch):
+  """Two hosts of one run miss the cache at once; the second writes and renames its
+  file between the first one's write and rename. Both get the features; no file is left
+  half-written or behind."""
+  data_dir = str(tmp_path / 'tfds')
+  os.makedirs(data_dir)
+  features = np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32)
+  real_replace = os.replace
+  renames = []
+
+  def replace_after_the_other_host(src, dst):
+    renames.append(src)
+    if len(renames) == 1:  # The first host's file is written; the other host runs now.
+      other = fid.cached_real_features(data_dir, 'train', 128, 6, lambda: features)
+      np.testing.assert_array_equal(other, features)
+    real_replace(src, dst)
+
+  monkeypatch.setattr(os, 'replace', replace_after_the_other_host)
+  first = fid.cached_real_features(data_dir, 'train', 128, 6, lambda: features)
+  np.testing.assert_array_equal(first, features)
+  assert len(renames) == 2
+  cache_file = os.path.basename(fid.real_statistics_path(data_dir, 'train', 128, 6))
+  assert sorted(os.listdir(tmp_path)) == sorted([cache_file, 'tfds'])
+  cached = fid.cached_real_features(data_dir, 'train', 128, 6, lambda: 1 / 0)  # A hit.
+  np.testing.assert_array_equal(cached, features)
+
+
 @pytest.mark.parametrize('count1, count2', [(300, 200), (6, 9), (5, 300)])
 def test_frechet_distance_of_features_equals_eigen_form_and_sqrtm(count1, count2):
   rng = np.random.default_rng(count1)
