@@ -1,6 +1,7 @@
 """Helpers of the tests that run the command line in subprocesses."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -27,3 +28,24 @@ def build_synthetic_dataset(base, env, num_patches: int) -> str:
     subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, check=True,
                    capture_output=True)
   return str(base / 'tfds')
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(('localhost', 0))
+    return sock.getsockname()[1]
+
+
+def run_two_hosts(command: list[str], env: dict[str, str]) -> None:
+  """Runs the CLI `command` as two processes ("hosts", 2 CPU devices each, jax.distributed
+  over gloo on localhost) and waits for both; each must exit 0."""
+  flags = ['--config.train.distributed=True',
+           f'--config.train.coordinator_address=localhost:{free_port()}',
+           '--config.train.num_processes=2']
+  run_env = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  hosts = [subprocess.Popen([*command, *flags, f'--config.train.process_id={i}'], cwd=ROOT,
+                            env=run_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  for host in hosts:
+    _, stderr = host.communicate(timeout=600)
+    assert host.returncode == 0, stderr[-5000:]

@@ -9,6 +9,7 @@ FID and KID use the FID Inception network with tests/test_inception.py's random 
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -312,3 +313,36 @@ def test_config_unlike_the_runs_is_named_before_compute(evaluated, data_dir):
   config = make_config(data_dir, **{'model.dtype': 'bfloat16'})
   assert run_config.checkpoint_mismatches(
       run_config.load_config(evaluated['workdir']), config) == []
+
+
+def test_two_processes_evaluate_like_one(tmp_path, data_dir, env, inception_weights,
+                                         evaluated):
+  """--mode=evaluate on 2 hosts of 2 devices each, with FID, on a copy of the dataset
+  whose real-feature cache is empty: both hosts miss it together and each writes it.
+
+  The samples are gathered onto every host and only the first one writes; the images
+  equal the 1-process ones up to the params' float differences, and so do the metrics.
+  """
+  data_copy = str(tmp_path / 'sen12ms' / 'tfds')
+  shutil.copytree(data_dir, data_copy)
+  workdir = str(tmp_path / 'run')
+  write_run(workdir, make_config(data_copy), steps=(8,))
+  cli_helpers.run_two_hosts(
+      [sys.executable, '-m', 'eo_ddpm_jax.main', '--config=configs/demo.py',
+       f'--workdir={workdir}', '--mode=evaluate',
+       *cli_flags(data_copy, **{'eval.checkpoint_steps': (8,),
+                                'eval.inception_weights': inception_weights})], env)
+  one = evaluated['second']
+  entries = evaluate.read_eval_json(workdir)
+  assert list(entries) == ['8'] and entries['8']['num_devices'] == 4
+  samples = np.load(os.path.join(workdir, 'samples', 'eval_samples_8.npy'))
+  np.testing.assert_allclose(samples, one['samples'], atol=1e-3)
+  np.testing.assert_array_equal(
+      np.load(os.path.join(workdir, 'samples', 'eval_reals.npy')), one['reals'])
+  got, want = entries['8']['metrics'], one['json']['8']['metrics']
+  assert got.keys() == want.keys()
+  assert got == pytest.approx(want, rel=1e-3, abs=1e-6)
+  # One cache file beside the copy, no temporary file left.
+  assert sorted(os.listdir(tmp_path / 'sen12ms')) == sorted([
+      'tfds', os.path.basename(fid.real_statistics_path(data_copy, 'train+test', 16,
+                                                        NUM_REAL))])

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -143,31 +142,11 @@ def test_four_devices_match_one_device(tmp_path, reference_run, data_dir, env):
   _assert_same_grids(workdir, reference_run)
 
 
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(('localhost', 0))
-    return sock.getsockname()[1]
-
-
-def _run_two_processes(workdir, data_dir, env, *extra, mode='train'):
-  """Runs main in two processes ("hosts", 2 CPU devices each, jax.distributed over gloo)."""
-  flags = ['--config.train.distributed=True', f'--config.train.coordinator_address='
-           f'localhost:{_free_port()}', '--config.train.num_processes=2']
-  run_env = {**env, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  hosts = [subprocess.Popen(_command(workdir, data_dir, *extra, *flags,
-                                     f'--config.train.process_id={i}', mode=mode),
-                            cwd=ROOT, env=run_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  for host in hosts:
-    _, stderr = host.communicate(timeout=600)
-    assert host.returncode == 0, stderr[-5000:]
-
-
 @pytest.fixture(scope='module')
 def two_process_run(tmp_path_factory, data_dir, env):
   """The reference run's training in two processes writing into one workdir."""
   workdir = str(tmp_path_factory.mktemp('two_hosts'))
-  _run_two_processes(workdir, data_dir, env)
+  cli_helpers.run_two_hosts(_command(workdir, data_dir), env)
   return workdir
 
 
@@ -201,7 +180,7 @@ def test_sample_mode_in_two_processes_matches_one_process(two_process_run, refer
   """
   flags = ['--config.sample.num_samples=5', '--config.sample.batch_size=2',
            '--config.sample.sampler=ddim', '--config.sample.ddim_steps=3']
-  _run_two_processes(two_process_run, data_dir, env, *flags, mode='sample')
+  cli_helpers.run_two_hosts(_command(two_process_run, data_dir, *flags, mode='sample'), env)
   result = subprocess.run(_command(reference_run, data_dir, *flags, mode='sample'),
                           cwd=ROOT, env=env, capture_output=True, text=True)
   assert result.returncode == 0, result.stderr[-3000:]
