@@ -100,13 +100,24 @@ def _tiny_config():
   return config
 
 
+@functools.cache
+def _initial_state():
+  """The tiny U-Net's step-0 TrainState, made once: compiling init (threefry for each of
+  its 163 params) takes ~25 s here. Every test's config has these shapes, and the
+  optimizer state's structure does not depend on its settings."""
+  config = _tiny_config()
+  model = ts.create_model(config.model)
+  tx = ts.create_optimizer(config.optim, ts.create_learning_rate_fn(config.optim, 10))
+  return jax.jit(lambda rng: ts.create_train_state(config, model, tx, rng, (8, 8, 3)))(
+      jax.random.PRNGKey(0))
+
+
 def _setup(config, total_steps=10):
   model = ts.create_model(config.model)
   lr_fn = ts.create_learning_rate_fn(config.optim, total_steps)
   tx = ts.create_optimizer(config.optim, lr_fn)
   schedule = ts.create_schedule(config.diffusion)
-  state = ts.create_train_state(config, model, tx, jax.random.PRNGKey(0), (8, 8, 3))
-  return model, tx, schedule, lr_fn, state
+  return model, tx, schedule, lr_fn, _initial_state()
 
 
 def test_train_step_matches_hand_computed_update():
@@ -125,9 +136,14 @@ def test_train_step_matches_hand_computed_update():
   def loss_fn(params):
     fn = lambda x, t: model.apply({'params': params}, x, t)
     return diffusion.training_loss(fn, f32, images, jax.random.fold_in(state.rng, 0))
-  loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  updates, _ = tx.update(grads, state.opt_state, state.params)
-  expected = jax.tree.map(jnp.add, state.params, updates)
+
+  @jax.jit  # One compilation; op by op the reference takes ~50 s here.
+  def reference(params, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, _ = tx.update(grads, opt_state, params)
+    return loss, grads, jax.tree.map(jnp.add, params, updates)
+
+  loss, grads, expected = reference(state.params, state.opt_state)
   assert float(metrics['loss']) == pytest.approx(float(loss), rel=1e-5)
   assert float(metrics['grad_norm']) == pytest.approx(
       float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree.leaves(grads)))), rel=1e-5)
@@ -151,8 +167,8 @@ def test_grad_accumulation_averages_micro_batches():
   f32 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), schedule)
   rng = jax.random.fold_in(state.rng, 0)
   fn = functools.partial(lambda p, x, t: model.apply({'params': p}, x, t), state.params)
-  micro = [diffusion.training_loss(fn, f32, images[i::2], jax.random.fold_in(rng, i))
-           for i in range(2)]
+  micro = [jax.jit(diffusion.training_loss, static_argnums=0)(
+      fn, f32, images[i::2], jax.random.fold_in(rng, i)) for i in range(2)]
   assert float(metrics['loss']) == pytest.approx(float(sum(micro) / 2), rel=1e-5)
 
 
