@@ -111,8 +111,8 @@ def get_config() -> ml_collections.ConfigDict:
   train.cpu_devices = 0
   # True: on a CPU-only host glibc malloc keeps freed memory (eo_ddpm_jax.host_memory), so
   # XLA:CPU reuses a large step's buffers instead of faulting in new pages: the bench's
-  # step (dim 32, 64x64, batch 8) 10% faster, but the demo's small steps 2.3x slower
-  # (one malloc arena for all threads). Off by default; measure before turning it on.
+  # step (dim 32, 64x64, batch 8) 10% faster, but the demo 1.3x slower end to end (one
+  # malloc arena for all threads). Off by default; measure before turning it on.
   train.cpu_keep_freed_memory = False
 
   # --- sample: --mode=sample.

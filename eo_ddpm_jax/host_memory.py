@@ -8,8 +8,9 @@ zeroed 4 KiB page. With mmap off and one malloc arena, freed blocks go back to m
 heap, which is not trimmed, and the next step reuses them: 0 faults, and the train step
 ~10% faster on the 2-core VM (bench/RESULTS.md). The costs: the heap keeps its
 high-water mark (peak RSS 2.5-3.1 GiB against 2.0 GiB in that bench), and all threads
-share one arena: the demo's small steps (batch 6, 32x32, with the tf.data pipeline) ran
-2.3x slower. So it is opt-in (`train.cpu_keep_freed_memory`, `BENCH_KEEP_FREED_MEMORY=1`).
+share one arena: the demo (batch 6, 32x32, with the tf.data pipeline) trained 2.3x fewer
+steps in its first 150 s and took 1.3x as long end to end. So it is opt-in
+(`train.cpu_keep_freed_memory`, `BENCH_KEEP_FREED_MEMORY=1`).
 
 Only glibc has these knobs (`mallopt`); elsewhere nothing changes. Call before JAX
 starts its backend: the one-arena limit binds threads that have not allocated yet.
