@@ -4,7 +4,7 @@
 #   ./run.sh demo                  synthetic SEN12MS -> TFDS -> train configs/demo.py -> samples
 #   ./run.sh test [pytest args]    the test suite (in parallel; add -n 0 for one process)
 #   ./run.sh compare               demo data -> configs/demo_study.py with each schedule -> evaluate
-#                                  -> runs/demo_report/report.html (about 35 min on 2 cores)
+#                                  -> runs/demo_report/report.html (about 20 min on 2 cores)
 #   ./run.sh paper --manual_dir=DIR [--data_dir=DIR]   the study: linear, cosine, sigmoid runs
 set -euo pipefail
 cd "$(dirname "$0")"
