@@ -39,8 +39,7 @@ from eo_ddpm_jax import host_memory  # pylint: disable=g-import-not-at-top
 # CPU-only host (XLA:CPU reuses its freed buffers instead of faulting in fresh pages every
 # step); off by default, as in main.py. Here, before any backend or torch thread allocates.
 HOST_MALLOC = 'the C library\'s defaults'
-if (os.environ.get('BENCH_KEEP_FREED_MEMORY') == '1' and host_memory.jax_runs_on_cpu()
-    and host_memory.keep_freed_memory()):
+if os.environ.get('BENCH_KEEP_FREED_MEMORY') == '1' and host_memory.keep_freed_memory():
   HOST_MALLOC = 'freed memory kept for reuse (eo_ddpm_jax.host_memory; torch runs under it too)'
 
 DEFAULT_RESULTS = os.path.join(REPO_ROOT, 'bench', 'RESULTS.md')

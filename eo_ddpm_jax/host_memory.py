@@ -53,11 +53,15 @@ def jax_runs_on_cpu() -> bool:
 
 
 def keep_freed_memory() -> bool:
-  """Makes glibc malloc keep freed memory for reuse (no mmap, one arena, no trimming).
+  """On a host where JAX runs on the CPU, makes glibc malloc keep freed memory for reuse
+  (no mmap, one arena, no trimming). GPU/TPU hosts are left alone.
 
   Returns:
-    True if set; False where the C library has no mallopt (macOS, musl) or refused.
+    True if set; False on an accelerator host, or where the C library has no mallopt
+    (macOS, musl) or refused.
   """
+  if not jax_runs_on_cpu():
+    return False
   try:
     mallopt = ctypes.CDLL(ctypes.util.find_library('c')).mallopt
   except (OSError, AttributeError, TypeError):

@@ -77,7 +77,7 @@ def main(argv) -> None:
                          'configs/demo.py (an imported run: --config=<workdir>/config.py).')
   # All before anything touches a device.
   if FLAGS.config is not None:
-    if FLAGS.config.train.get('cpu_keep_freed_memory', False) and host_memory.jax_runs_on_cpu():
+    if FLAGS.config.train.get('cpu_keep_freed_memory', False):
       host_memory.keep_freed_memory()
     cpu_devices.configure(FLAGS.config.train)
     if FLAGS.config.train.distributed:

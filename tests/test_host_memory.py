@@ -35,8 +35,7 @@ _PAGES = 32 * 2**20 * 4 // 4096
 
 
 def _faults_of_a_warm_call(tmp_path, keep: bool) -> tuple[bool, int]:
-  env = cli_helpers.subprocess_env(tmp_path)
-  env['JAX_PLATFORMS'] = 'cpu'
+  env = cli_helpers.subprocess_env(tmp_path)  # JAX_PLATFORMS=cpu.
   out = subprocess.run([sys.executable, '-c', _PROBE.format(keep=keep)], env=env,
                        cwd=cli_helpers.ROOT, check=True, capture_output=True,
                        text=True).stdout.split()
@@ -68,3 +67,8 @@ def test_an_installed_accelerator_plugin_means_not_cpu(monkeypatch):
   monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: (
       object() if name == 'jax_cuda12_plugin' else real_find_spec(name, *a)))
   assert not host_memory.jax_runs_on_cpu()
+
+
+def test_accelerator_hosts_keep_the_c_librarys_malloc(monkeypatch):
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
+  assert host_memory.keep_freed_memory() is False
