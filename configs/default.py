@@ -144,7 +144,8 @@ def get_config() -> ml_collections.ConfigDict:
   # pytorch-fid's pt_inception-2015-12-05-6726825d.pth, or an .npz converted from it;
   # empty: FID and KID are skipped (null in eval.json).
   ev.inception_weights = ''
-  ev.inception_batch_size = 50  # pytorch-fid's default.
+  # pytorch-fid's default; split over all devices, rounded up to a multiple of them.
+  ev.inception_batch_size = 50
   ev.kid_num_subsets = 100  # KID: subsets and their size (torch-fidelity's defaults).
   ev.kid_subset_size = 1000
   ev.num_grid_samples = 25  # The first samples, saved as samples/eval_samples_<step>.png.

@@ -10,6 +10,8 @@ patches of the TFDS split `eval.split`, preprocessed as in training but not flip
 - FID and KID on the FID Inception network's features when `eval.inception_weights`
   names its weights, with floors from half against half of the real features (the
   same halves as the EO floors); otherwise null, with the reason in `fid_skipped`.
+  The Inception batches are split over all devices too, so each host of a multi-host
+  run computes only its devices' share.
   The real features are cached beside the dataset (fid.cached_real_features); FID is
   fid.frechet_distance_of_features (pytorch-fid's value to rounding once there are more
   than 2048 images, without its minute-long sqrtm).
@@ -191,8 +193,9 @@ def write_eval_entry(workdir: str, entry: dict[str, Any]) -> dict[str, Any]:
   return entries
 
 
-def _feature_fn(config: ml_collections.ConfigDict) -> Callable | None:
-  """The Inception feature function, or None (logged: why, and how to enable it)."""
+def _feature_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> Callable | None:
+  """The Inception feature function split over `mesh`, or None (logged: why, and how to
+  enable it)."""
   if not config.eval.inception_weights:
     logging.warning(
         'FID and KID are skipped: eval.inception_weights is empty, and they need the FID '
@@ -202,7 +205,7 @@ def _feature_fn(config: ml_collections.ConfigDict) -> Callable | None:
         'recorded as null.', inception.FID_WEIGHTS_URL)
     return None
   return inception.make_feature_fn(
-      inception.load_fid_inception_variables(config.eval.inception_weights))
+      inception.load_fid_inception_variables(config.eval.inception_weights), mesh)
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -227,15 +230,19 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   is_first_host = jax.process_index() == 0
   samples_dir = os.path.join(workdir, SAMPLES_SUBDIR)
 
+  mesh = train_step_lib.make_mesh()
+  # Inception batches split over all devices (and hosts); the padding is dropped.
+  feature_batch_size = sampling.sharded_batch_size(e.inception_batch_size, mesh.size)
+
   # --- The real side, once: patches, and their Inception features (cached on disk).
   reals = load_real_patches(config, e.num_real, progress=e.progress_bar)
-  feature_fn = _feature_fn(config)
+  feature_fn = _feature_fn(config, mesh)
   real_features = None
   if feature_fn is not None:
     real_features = fid.cached_real_features(
         config.data.data_dir, e.split, config.data.image_size, reals.shape[0],
-        lambda: fid.extract_features(feature_fn, _batches(reals, e.inception_batch_size),
-                                     e.inception_batch_size),
+        lambda: fid.extract_features(feature_fn, _batches(reals, feature_batch_size),
+                                     feature_batch_size),
         tag=real_features_tag(config))
     floors = inception_metrics(None, real_features, config)  # The same for every step.
   if e.save_samples and is_first_host:
@@ -243,7 +250,6 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     np.save(os.path.join(samples_dir, 'eval_reals.npy'), reals)
 
   # --- The sampler, compiled once for all steps.
-  mesh = train_step_lib.make_mesh()
   model = train_step_lib.create_model(config.model)
   schedule = train_step_lib.create_schedule(config.diffusion)
   batch_size = sampling.sharded_batch_size(min(e.batch_size, e.num_samples), mesh.size)
@@ -275,7 +281,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         metrics.update({name: None for name in INCEPTION_METRICS})
       else:
         sample_features = fid.extract_features(
-            feature_fn, _batches(samples, e.inception_batch_size), e.inception_batch_size)
+            feature_fn, _batches(samples, feature_batch_size), feature_batch_size)
         metrics.update(inception_metrics(sample_features, real_features, config))
         metrics.update(floors)
       metrics_seconds = time.perf_counter() - start

@@ -308,9 +308,39 @@ def convert_fid_inception_weights(pth_path: str, npz_path: str) -> None:
   os.replace(tmp_path, npz_path)
 
 
-def make_feature_fn(variables: Variables) -> Callable[[jax.Array], jax.Array]:
-  """A jitted images [N, H, W, 3] in [0, 1] -> float32 [N, 2048] with these weights."""
-  variables = jax.tree_util.tree_map(jnp.asarray, variables)
-  # The weights are an argument, not a constant folded into the compiled program.
-  apply = jax.jit(FIDInceptionV3().apply)
-  return lambda images: apply(variables, images)
+def _global_array(values: np.ndarray, sharding: jax.sharding.Sharding) -> jax.Array:
+  """The array whose shards are these host values' slices; every host passes the same."""
+  return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])
+
+
+def make_feature_fn(variables: Variables, mesh: jax.sharding.Mesh | None = None
+                    ) -> Callable[[np.ndarray], jax.Array]:
+  """A jitted images [N, H, W, 3] in [0, 1] -> float32 [N, 2048] with these weights.
+
+  Args:
+    variables: from load_fid_inception_variables.
+    mesh: split the images over its 'data' axis (N divisible by its size; the weights
+      replicated), so each device, and each host of a multi-host run, computes only its
+      share; every host passes the same images and gets all N features back. None: one
+      device.
+  """
+  network = FIDInceptionV3()
+  if mesh is None:
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    # The weights are an argument, not a constant folded into the compiled program.
+    apply = jax.jit(network.apply)
+    return lambda images: apply(variables, images)
+
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  variables = jax.tree_util.tree_map(
+      lambda v: _global_array(np.asarray(v), replicated), variables)
+  apply = jax.jit(network.apply, out_shardings=replicated)
+
+  def features(images):
+    images = np.asarray(images, np.float32)
+    if images.shape[0] % mesh.size:
+      raise ValueError(f'{images.shape[0]} images cannot be split evenly over the '
+                       f'{mesh.size} devices; pass a multiple of {mesh.size}.')
+    return apply(variables, _global_array(images, split))
+  return features

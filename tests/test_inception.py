@@ -9,6 +9,8 @@ the conv kernels are regenerated here from the script's seeds, the rest is in th
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +18,7 @@ import pytest
 
 from eo_ddpm_jax import inception
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(os.path.dirname(__file__), 'data')
 REFERENCE = os.path.join(DATA_DIR, 'inception_reference.npz')
 # float32 through ~95 layers: CPU XLA and torch differ by rounding only.
@@ -30,8 +33,8 @@ def _reference_script():
   return module
 
 
-@pytest.fixture(scope='module')
-def reference():
+def load_reference():
+  """(pytorch-fid state_dict, images NHWC in [0, 1], their pytorch-fid features)."""
   script = _reference_script()
   with np.load(REFERENCE, allow_pickle=False) as data:
     data = {key: data[key] for key in data.files}
@@ -39,6 +42,11 @@ def reference():
   for key, shape in json.loads(str(data['conv_shapes'])).items():
     state_dict[key] = script.random_conv_weight(key, tuple(shape))
   return state_dict, data['images_nhwc'], data['features']
+
+
+@pytest.fixture(scope='module')
+def reference():
+  return load_reference()
 
 
 def test_features_equal_pytorch_fid(reference):
@@ -50,6 +58,42 @@ def test_features_equal_pytorch_fid(reference):
   assert error < FEATURE_RTOL
   # Not a degenerate network: the two images have clearly different features.
   assert np.linalg.norm(expected[0] - expected[1]) > 0.1 * np.linalg.norm(expected[0])
+
+
+_TWO_DEVICE_SCRIPT = """
+import json, sys
+import numpy as np
+from eo_ddpm_jax import inception, train_step
+from tests.test_inception import load_reference
+state_dict, images, _ = load_reference()
+mesh = train_step.make_mesh()
+feature_fn = inception.make_feature_fn(inception.variables_from_state_dict(state_dict), mesh)
+features = feature_fn(images)
+try:
+  feature_fn(np.concatenate([images, images[:1]]))
+  error = None
+except ValueError as e:
+  error = str(e)
+json.dump({'devices': mesh.size, 'replicated': features.sharding.is_fully_replicated,
+           'features': np.asarray(features).tolist(), 'error': error}, open(sys.argv[1], 'w'))
+"""
+
+
+def test_features_split_over_two_devices_equal_pytorch_fid(reference, tmp_path):
+  _, _, expected = reference
+  out = tmp_path / 'result.json'
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  result = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, str(out)], cwd=ROOT,
+                          env=env, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  got = json.loads(out.read_text())
+  # One image per device, and every device holds both images' features afterwards.
+  assert got['devices'] == 2 and got['replicated']
+  features = np.asarray(got['features'])
+  assert np.linalg.norm(features - expected) / np.linalg.norm(expected) < FEATURE_RTOL
+  assert got['error'] == ('3 images cannot be split evenly over the 2 devices; pass a '
+                          'multiple of 2.')
 
 
 def test_npz_conversion_round_trip_and_errors(reference, tmp_path):
