@@ -96,6 +96,7 @@ def main(argv):
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, state)
     checkpointer.wait_until_finished()
+    checkpointer.close()  # Its background threads would outlive the call.
 
   runs = [
       ('grid, sharded over the mesh (train.py)', grid(mesh)),

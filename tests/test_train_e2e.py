@@ -72,11 +72,16 @@ def _final_state(workdir, step=FINAL_STEP):
   import jax  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, 'checkpoints', str(step), 'state')
   checkpointer = ocp.StandardCheckpointer()
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  # A target with this process's sharding, also for checkpoints written on 4 devices.
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                        checkpointer.metadata(path).item_metadata.tree)
-  return checkpointer.restore(path, target)
+  try:
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # A target with this process's sharding, also for checkpoints written on 4 devices.
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata.tree)
+    return checkpointer.restore(path, target)
+  finally:
+    # Closed, or its background threads outlive the test (an unraisable-exception
+    # warning at garbage collection).
+    checkpointer.close()
 
 
 def _leaves(tree):
