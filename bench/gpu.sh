@@ -18,10 +18,8 @@
 #   BENCH_ONLY="train_bf16_b256" bash bench/gpu.sh
 #   BENCH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu.sh   # tiny sizes, any machine
 set -u
+source "$(dirname "$0")/gpu_lib.sh"
 
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-PYTHON="${PYTHON:-python3}"
 RESULTS="${OUT:+$OUT/gpu_results.md}"
 RESULTS="${RESULTS:-bench/gpu_results.md}"
 BUDGET_S="${BENCH_BUDGET_S:-450}"   # Whole script; the lease allows 8 minutes.
@@ -48,18 +46,12 @@ fi
 COMMON=("${MODEL[@]}" --timesteps 500 --schedule sigmoid --objective pred_noise
         --results "$RESULTS")
 
-mkdir -p "$(dirname "$RESULTS")"
-{
-  echo "# GPU benchmark run $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo
-  gpu="$(nvidia-smi -L 2>/dev/null | head -n 1)"
-  echo "- nvidia-smi: ${gpu:-none}"
-  echo "- PYTHON=$PYTHON ($("$PYTHON" --version 2>&1)), BENCH_SMOKE=${BENCH_SMOKE:-0}"
-} >>"$RESULTS"
+write_header "GPU benchmark run" \
+    "PYTHON=$PYTHON ($("$PYTHON" --version 2>&1)), BENCH_SMOKE=${BENCH_SMOKE:-0}"
 
-FAILED=()
 run() {
-  # run KEY NAME ARGS...: one benchmark under the per-command timeout and the deadline.
+  # run KEY NAME ARGS...: one benchmark, if BENCH_ONLY names it, under the per-command
+  # timeout and the whole script's deadline.
   local key="$1" name="$2"; shift 2
   if [[ -n "${BENCH_ONLY:-}" && " $BENCH_ONLY " != *" $key "* ]]; then
     return
@@ -70,16 +62,7 @@ run() {
     FAILED+=("$name (skipped)")
     return
   fi
-  local limit=$((left < CMD_TIMEOUT_S ? left : CMD_TIMEOUT_S))
-  echo "== $name (timeout ${limit}s, ${SECONDS}s elapsed)"
-  local start=$SECONDS
-  timeout --kill-after=10 "$limit" "$PYTHON" "$@"
-  local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - start))s"
-  if ((rc != 0)); then
-    FAILED+=("$name (exit $rc)")
-    echo "- $name failed with exit $rc$( ((rc == 124)) && echo ' (timeout)')" >>"$RESULTS"
-  fi
+  run_python "$name" . $((left < CMD_TIMEOUT_S ? left : CMD_TIMEOUT_S)) "$@"
 }
 
 run train_f32_b8 "train float32 b$BATCH" -m bench.train_step "${COMMON[@]}" \
@@ -103,8 +86,4 @@ run train_bf16_b64 "train bfloat16 b${LARGE_BATCHES[0]}" -m bench.train_step \
 XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
 run train_bf16_b256 "train bfloat16 b${LARGE_BATCHES[1]}" -m bench.train_step \
     "${COMMON[@]}" "${TRAIN_TIMING[@]}" --precision bfloat16 --batch "${LARGE_BATCHES[1]}"
-echo
-echo "==================== $RESULTS ===================="
-cat "$RESULTS"
-echo
-echo "Total ${SECONDS}s; failed or skipped: ${FAILED[*]:-none}"
+finish

@@ -18,10 +18,8 @@
 #   BENCH_LARGE_BATCH=128 bash bench/gpu_profile.sh  # if 256 does not fit the card
 #   BENCH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu_profile.sh   # tiny, any machine
 set -u
+source "$(dirname "$0")/gpu_lib.sh"
 
-cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-PYTHON="${PYTHON:-python3}"
 OUT_DIR="${OUT:-bench/gpu_profile}"
 RESULTS="$(realpath -m "$OUT_DIR/gpu_profile.md")"
 WORK="$(mktemp -d)"
@@ -45,26 +43,13 @@ fi
 COMMON=("${MODEL[@]}" --timesteps 500 --schedule sigmoid --objective pred_noise)
 
 mkdir -p "$OUT_DIR"
-{
-  echo "# GPU profile run $(date -u '+%Y-%m-%d %H:%M UTC')"
-  echo
-  echo "- nvidia-smi: $(nvidia-smi -L 2>/dev/null | head -n 1)"
-  echo "- BASELINE_DIR=${BASELINE_DIR:-unset}, BENCH_SMOKE=${BENCH_SMOKE:-0}"
-} >>"$RESULTS"
+write_header "GPU profile run" \
+    "BASELINE_DIR=${BASELINE_DIR:-unset}, BENCH_SMOKE=${BENCH_SMOKE:-0}"
 
-FAILED=()
 run() {
-  # run NAME DIR ARGS...: one python command in DIR under the timeout.
+  # run NAME DIR ARGS...: one python command in DIR under the per-command timeout.
   local name="$1" dir="$2"; shift 2
-  echo "== $name (${SECONDS}s elapsed)"
-  local start=$SECONDS
-  (cd "$dir" && timeout --kill-after=10 "$CMD_TIMEOUT_S" "$PYTHON" "$@")
-  local rc=$?
-  echo "== $name: exit $rc after $((SECONDS - start))s"
-  if ((rc != 0)); then
-    FAILED+=("$name (exit $rc)")
-    echo "- $name failed with exit $rc" >>"$RESULTS"
-  fi
+  run_python "$name" "$dir" "$CMD_TIMEOUT_S" "$@"
 }
 
 run "train bfloat16 b$LARGE" . -m bench.train_step "${COMMON[@]}" "${TIMING[@]}" \
@@ -85,7 +70,4 @@ run "profile float32 b$SMALL" . -m bench.profile "${COMMON[@]}" --precision floa
 find "$WORK" -path '*hlo_*' -type f ! -name '*train_step*after_optimizations.txt' -delete
 tar -czf "$OUT_DIR/gpu_profile_traces.tgz" -C "$WORK" .
 rm -rf "$WORK"
-echo
-cat "$RESULTS"
-echo
-echo "Total ${SECONDS}s; failed: ${FAILED[*]:-none}"
+finish
