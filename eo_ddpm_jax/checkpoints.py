@@ -15,7 +15,9 @@ import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 # grain is imported only where the data iterator state is saved or restored, so that
 # sampling and the GPU benchmarks (whose machines lack grain) can import this module.
@@ -158,6 +160,49 @@ def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
     logging.warning('Moved unrestorable checkpoint folder to %s.', target)
 
 
+def _array_specs(tree: Any) -> dict[str, str]:
+  """{'params/downs_0_attn/norm/g': '(16,) float32'} for a tree of arrays, of
+  ShapeDtypeStructs or of Orbax's saved ArrayMetadata (the same paths in all three)."""
+  def name(path):
+    return '/'.join(str(getattr(key, 'name', getattr(key, 'key', getattr(key, 'idx', key))))
+                    for key in path)
+  return {name(path): f'{tuple(leaf.shape)} {np.dtype(leaf.dtype).name}'
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def describe_state_mismatch(step_dir: str, abstract_state: Any) -> str:
+  """Which arrays of the train state saved in `step_dir` differ from `abstract_state`.
+
+  Returns:
+    e.g. '860 of 896 arrays differ in shape or dtype, e.g. params/init_conv/kernel:
+    saved (7, 7, 3, 16) float32, this config (7, 7, 3, 24) float32', and the arrays
+    only one side has; '' when the saved metadata is unreadable or all arrays agree.
+  """
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    saved = _array_specs(handler.metadata(epath.Path(step_dir) / 'state').tree)
+  except Exception:  # pylint: disable=broad-except
+    return ''  # A partial or foreign folder: the restore error says enough.
+  finally:
+    handler.close()
+  wanted = _array_specs(abstract_state)
+  differ = [name for name in wanted if name in saved and saved[name] != wanted[name]]
+  only_saved = [name for name in saved if name not in wanted]
+  only_wanted = [name for name in wanted if name not in saved]
+  parts = []
+  if differ:
+    # The model's own params say most; EMA and optimizer copies repeat them.
+    shown = ([name for name in differ if name.startswith('params/')] or differ)[:3]
+    parts.append(f'{len(differ)} of {len(wanted)} arrays differ in shape or dtype, e.g. '
+                 + '; '.join(f'{name}: saved {saved[name]}, this config {wanted[name]}'
+                             for name in shown))
+  if only_saved:
+    parts.append(f'arrays only in the checkpoint: {len(only_saved)}, e.g. {only_saved[0]}')
+  if only_wanted:
+    parts.append(f'arrays only in this config: {len(only_wanted)}, e.g. {only_wanted[0]}')
+  return '; '.join(parts)
+
+
 def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
                    restore_data: bool = True, move_aside: bool = True
                    ) -> tuple[Any, Any, int] | None:
@@ -199,11 +244,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   complete = [(s, e) for s, committed, e in failures if committed]
   if complete:
     step, error = complete[0]
+    mismatch = describe_state_mismatch(os.path.join(str(manager.directory), str(step)),
+                                       abstract_state)
     raise RuntimeError(
         f'No checkpoint under {manager.directory} restores (tried steps '
-        f'{[s for s, _, _ in failures]}). Step {step} failed with '
-        f'{type(error).__name__}: {error}. Does the config (model, optim) match the '
-        'run that wrote them? Use a fresh --workdir to start over.') from error
+        f'{[s for s, _, _ in failures]}). '
+        + (f'Step {step} was saved by another model or optimizer: {mismatch}. '
+           if mismatch else f'Step {step} failed with {type(error).__name__}: {error}. ')
+        + 'Does the config (model, optim) match the run that wrote them? Use a fresh '
+        '--workdir to start over.') from error
   if move_aside and failures:
     for bad_step, _, _ in failures:
       _move_aside(manager, bad_step)

@@ -73,9 +73,20 @@ def test_complete_but_mismatched_checkpoint_raises(tmp_path):
   manager = checkpoints.create_manager(str(tmp_path), _train_config(), steps_per_epoch=4)
   checkpoints.save(manager, 1, _state(1), {'position': 1})
   other = {'w': jnp.zeros((5,), jnp.float32), 'step': jnp.asarray(0, jnp.int32)}
-  with pytest.raises(RuntimeError, match=r'No checkpoint .* restores .* config'):
+  with pytest.raises(RuntimeError, match=r'No checkpoint .* restores .* config') as raised:
     checkpoints.restore_latest(manager, _abstract(other))
+  # The message names the array and both shapes, from the saved metadata.
+  assert ('Step 1 was saved by another model or optimizer: 1 of 2 arrays differ in shape '
+          'or dtype, e.g. w: saved (3,) float32, this config (5,) float32.'
+          in str(raised.value))
   assert sorted(manager.all_steps()) == [1]  # Left in place.
+  renamed = {'v': jnp.zeros((3,), jnp.float32), 'step': jnp.asarray(0, jnp.int32)}
+  assert checkpoints.describe_state_mismatch(str(tmp_path / 'checkpoints' / '1'),
+                                             _abstract(renamed)) == (
+      'arrays only in the checkpoint: 1, e.g. w; arrays only in this config: 1, e.g. v')
+  assert checkpoints.describe_state_mismatch(str(tmp_path / 'checkpoints' / '1'),
+                                             _abstract(_state(0))) == ''
+  assert checkpoints.describe_state_mismatch(str(tmp_path / 'missing'), _abstract(other)) == ''
 
 
 def test_unwritable_workdir_is_said_plainly():
