@@ -228,6 +228,14 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
     if restore_data:
       import grain  # pylint: disable=g-import-not-at-top
       items['data'] = grain.checkpoint.CheckpointRestore(_IteratorState())
+    mismatch = describe_state_mismatch(step_dir, abstract_state)
+    if mismatch:
+      # Orbax's own failed restore would flood the log with tracebacks.
+      logging.warning('Skipping checkpoint %s: it was saved by another model or '
+                      'optimizer.', step_dir)
+      failures.append((step, _is_committed(step_dir),
+                       ValueError(f'it was saved by another model or optimizer: {mismatch}')))
+      continue
     try:
       restored = manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
@@ -244,15 +252,11 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any,
   complete = [(s, e) for s, committed, e in failures if committed]
   if complete:
     step, error = complete[0]
-    mismatch = describe_state_mismatch(os.path.join(str(manager.directory), str(step)),
-                                       abstract_state)
     raise RuntimeError(
         f'No checkpoint under {manager.directory} restores (tried steps '
-        f'{[s for s, _, _ in failures]}). '
-        + (f'Step {step} was saved by another model or optimizer: {mismatch}. '
-           if mismatch else f'Step {step} failed with {type(error).__name__}: {error}. ')
-        + 'Does the config (model, optim) match the run that wrote them? Use a fresh '
-        '--workdir to start over.') from error
+        f'{[s for s, _, _ in failures]}). Step {step} failed with '
+        f'{type(error).__name__}: {error}. Does the config (model, optim) match the '
+        'run that wrote them? Use a fresh --workdir to start over.') from error
   if move_aside and failures:
     for bad_step, _, _ in failures:
       _move_aside(manager, bad_step)

@@ -75,8 +75,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
   config_check.check_config(config, num_devices=jax.device_count(),
                             num_processes=jax.process_count())
   checkpoints.ensure_writable(workdir)
-  if jax.process_index() == 0:
-    run_config.save_config(config, workdir)  # For --mode=report.
 
   # --- Data source and the length of the run.
   source = input_pipeline.make_source(config.data)
@@ -117,6 +115,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str
     if start_step >= total_steps:
       logging.warning('Nothing to train: the checkpoint is at step %d, the run ends at %d. '
                       'Raise train.num_epochs or train.max_steps.', start_step, total_steps)
+  # For --mode=report, evaluate and sample. Written once the state restored or was
+  # made: a config whose model does not fit the checkpoints leaves the run's own.
+  if jax.process_index() == 0:
+    run_config.save_config(config, workdir)
 
   # --- Input iterator, positioned after the last batch the restored state saw.
   dataset = input_pipeline.create_train_dataset(

@@ -76,9 +76,9 @@ def test_complete_but_mismatched_checkpoint_raises(tmp_path):
   with pytest.raises(RuntimeError, match=r'No checkpoint .* restores .* config') as raised:
     checkpoints.restore_latest(manager, _abstract(other))
   # The message names the array and both shapes, from the saved metadata.
-  assert ('Step 1 was saved by another model or optimizer: 1 of 2 arrays differ in shape '
-          'or dtype, e.g. w: saved (3,) float32, this config (5,) float32.'
-          in str(raised.value))
+  assert ('Step 1 failed with ValueError: it was saved by another model or optimizer: '
+          '1 of 2 arrays differ in shape or dtype, e.g. w: saved (3,) float32, this config '
+          '(5,) float32.' in str(raised.value))
   assert sorted(manager.all_steps()) == [1]  # Left in place.
   renamed = {'v': jnp.zeros((3,), jnp.float32), 'step': jnp.asarray(0, jnp.int32)}
   assert checkpoints.describe_state_mismatch(str(tmp_path / 'checkpoints' / '1'),

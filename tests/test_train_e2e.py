@@ -236,6 +236,30 @@ def test_non_finite_loss_stops_naming_step_and_checkpoint(tmp_path, reference_ru
     np.testing.assert_array_equal(got, want)
 
 
+def test_resume_with_another_model_names_the_arrays_and_keeps_the_config(
+    tmp_path, reference_run, data_dir, env):
+  workdir = str(tmp_path / 'other_model')
+  shutil.copytree(reference_run, workdir)
+  config_path = os.path.join(workdir, 'config.json')
+  with open(config_path) as f:
+    run_config = f.read()
+  result = _train(workdir, data_dir, env, '--config.model.dim=16', check=False)
+  assert result.returncode != 0
+  # Named from the saved metadata: the first attention's RMSNorm gain has dim entries.
+  assert ('Step 8 failed with ValueError: it was saved by another model or optimizer: '
+          '628 of 656 arrays differ in shape or dtype, e.g. params/downs_0_attn/norm/g: '
+          'saved (8,) float32, this config (16,) float32' in result.stderr
+          ), result.stderr[-3000:]
+  # No Orbax restore was tried, so none of its failing reads' tracebacks (thousands of
+  # lines before) flood the log.
+  assert 'Event loop is closed' not in result.stderr
+  assert 'orbax/checkpoint/_src/serialization' not in result.stderr
+  with open(config_path) as f:
+    assert f.read() == run_config  # The run's own settings stay on disk.
+  steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, 'checkpoints')))
+  assert steps[-1] == FINAL_STEP  # No checkpoint moved aside or lost.
+
+
 def test_sample_mode_writes_grid_and_arrays(reference_run, data_dir, env):
   result = subprocess.run(
       _command(reference_run, data_dir, '--config.sample.num_samples=3',
