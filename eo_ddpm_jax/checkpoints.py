@@ -174,9 +174,9 @@ def describe_state_mismatch(step_dir: str, abstract_state: Any) -> str:
   """Which arrays of the train state saved in `step_dir` differ from `abstract_state`.
 
   Returns:
-    e.g. '860 of 896 arrays differ in shape or dtype, e.g. params/init_conv/kernel:
-    saved (7, 7, 3, 16) float32, this config (7, 7, 3, 24) float32', and the arrays
-    only one side has; '' when the saved metadata is unreadable or all arrays agree.
+    e.g. '628 of 656 arrays differ in shape or dtype, e.g. params/downs_0_attn/norm/g:
+    saved (8,) float32, this config (16,) float32; ...', and the arrays only one side
+    has; '' when the saved metadata is unreadable or all arrays agree.
   """
   handler = ocp.StandardCheckpointHandler()
   try:
