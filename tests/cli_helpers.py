@@ -1,5 +1,6 @@
 """Helpers of the tests that run the command line in subprocesses."""
 
+import json
 import os
 import socket
 import subprocess
@@ -28,6 +29,18 @@ def build_synthetic_dataset(base, env, num_patches: int) -> str:
     subprocess.run([sys.executable, '-m', module, *args], cwd=ROOT, env=env, check=True,
                    capture_output=True)
   return str(base / 'tfds')
+
+
+def run_script_on_cpu_devices(script: str, num_devices: int, out_path) -> dict:
+  """Runs the Python `script` in a fresh process with `num_devices` JAX CPU devices, the
+  repo on the path and `out_path` as its argument; returns the JSON it wrote there."""
+  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={num_devices}'}
+  result = subprocess.run([sys.executable, '-c', script, str(out_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  with open(out_path) as f:
+    return json.load(f)
 
 
 def free_port() -> int:

@@ -9,16 +9,14 @@ the conv kernels are regenerated here from the script's seeds, the rest is in th
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from eo_ddpm_jax import inception
+from tests import cli_helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA_DIR = os.path.join(os.path.dirname(__file__), 'data')
 REFERENCE = os.path.join(DATA_DIR, 'inception_reference.npz')
 # float32 through ~95 layers: CPU XLA and torch differ by rounding only.
@@ -81,13 +79,7 @@ json.dump({'devices': mesh.size, 'replicated': features.sharding.is_fully_replic
 
 def test_features_split_over_two_devices_equal_pytorch_fid(reference, tmp_path):
   _, _, expected = reference
-  out = tmp_path / 'result.json'
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  result = subprocess.run([sys.executable, '-c', _TWO_DEVICE_SCRIPT, str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
-  got = json.loads(out.read_text())
+  got = cli_helpers.run_script_on_cpu_devices(_TWO_DEVICE_SCRIPT, 2, tmp_path / 'result.json')
   # One image per device, and every device holds both images' features afterwards.
   assert got['devices'] == 2 and got['replicated']
   features = np.asarray(got['features'])

@@ -1,10 +1,6 @@
 """Tests of eo_ddpm_jax.sampling: per-image keys, batching, sharding over devices, samplers."""
 
 import functools
-import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +14,8 @@ from eo_ddpm_jax import dpm_solver
 from eo_ddpm_jax import sampling
 from eo_ddpm_jax import schedules
 from eo_ddpm_jax import train_step as train_step_lib
+from tests import cli_helpers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE, T, STEPS = 8, 4, 3  # XLA unrolls short sampler loops: few steps compile fast.
 # Convolutions of another batch size or shard may sum in another order: rounding only,
 # but the random (untrained) U-Net amplifies it through the steps (measured up to 1.3e-4),
@@ -125,13 +121,7 @@ json.dump({'devices': jax.device_count(), 'output_devices': len(out.sharding.dev
 
 
 def test_sharded_over_four_devices_equals_unsharded(tmp_path):
-  out = tmp_path / 'result.json'
-  env = {**os.environ, 'PYTHONPATH': ROOT, 'JAX_PLATFORMS': 'cpu',
-         'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
-  result = subprocess.run([sys.executable, '-c', _FOUR_DEVICE_SCRIPT, str(out)], cwd=ROOT,
-                          env=env, capture_output=True, text=True)
-  assert result.returncode == 0, result.stderr[-3000:]
-  got = json.loads(out.read_text())
+  got = cli_helpers.run_script_on_cpu_devices(_FOUR_DEVICE_SCRIPT, 4, tmp_path / 'result.json')
   assert got['devices'] == 4 and got['output_devices'] == 4  # Really split over 4.
   four = np.asarray(got['images'])
   assert four.shape == (COUNT, SIZE, SIZE, 3)
