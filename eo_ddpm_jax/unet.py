@@ -289,6 +289,12 @@ def linear_attention(q: jax.Array, k: jax.Array, y: jax.Array, w_v: jax.Array,
   for the library's grouping; at 128x128 on a GPU those tensors and transposes were
   half of the step's memory traffic.
 
+  Precision: the full-size tensors (q, k, y, exp(k - max), softmax_d(q): [B, N, ...])
+  stay in the inputs' dtype, so under bfloat16 they are read and written at half the
+  bytes; the exponentials, the maxima, the normaliser, the GEMMs' sums and the small
+  per-image context run in at least float32. In float32 and float64 every step runs in
+  that dtype.
+
   Args:
     q, k: [B, N, heads, d].
     y: [B, N, C], the normed input that the library projects to v.
@@ -298,25 +304,32 @@ def linear_attention(q: jax.Array, k: jax.Array, y: jax.Array, w_v: jax.Array,
     scale: d ** -0.5.
 
   Returns:
-    [B, N, F]. All inputs share one float dtype; softmaxes run in it.
+    [B, N, F] in q's dtype.
   """
   b, n, heads, d = q.shape
-  mem_k, mem_v = mem_kv[0].astype(k.dtype), mem_kv[1].astype(k.dtype)
+  dtype = q.dtype
+  stat_dtype = _at_least_f32(dtype)
+  mem_k, mem_v = mem_kv[0].astype(stat_dtype), mem_kv[1].astype(stat_dtype)
   # softmax_N(k) = exp(k - max) / normaliser; the normaliser and the scale are applied
   # to the small context, and the memory slots enter as a second term, so no
   # [B, M + N, heads, d] concatenation or normalised copy of k is made.
-  k_max = jax.lax.stop_gradient(jnp.maximum(jnp.max(k, axis=1, keepdims=True),
-                                            jnp.max(mem_k, axis=0)))
-  exp_k = jnp.exp(k - k_max)                      # [B, N, heads, d]
+  k_max = jax.lax.stop_gradient(jnp.maximum(
+      jnp.max(k, axis=1, keepdims=True).astype(stat_dtype), jnp.max(mem_k, axis=0)))
+  exp_k = jnp.exp(k.astype(stat_dtype) - k_max)  # [B, N, heads, d]
   exp_mem_k = jnp.exp(mem_k - k_max)              # [B, M, heads, d]
   normaliser = jnp.sum(exp_k, axis=1) + jnp.sum(exp_mem_k, axis=1)  # [B, heads, d]
-  keys_by_input = jnp.einsum('bnk,bnc->bkc', exp_k.reshape(b, n, heads * d), y)
-  context = (jnp.einsum('bhdc,che->bhde', keys_by_input.reshape(b, heads, d, -1), w_v)
+  # A bfloat16 GEMM (its sums are float32 on GPUs) rounded once; asking it for a float32
+  # result instead would make the backward multiply y by a float32 cotangent.
+  keys_by_input = jnp.einsum('bnk,bnc->bkc', exp_k.astype(dtype).reshape(b, n, heads * d),
+                             y).astype(stat_dtype)
+  context = (jnp.einsum('bhdc,che->bhde', keys_by_input.reshape(b, heads, d, -1),
+                        w_v.astype(stat_dtype))
              + jnp.einsum('bmhd,mhe->bhde', exp_mem_k, mem_v))   # [B, heads, d, e]
   context = context * (scale / normaliser)[..., None]
-  to_output = jnp.einsum('bhde,hef->bhdf', context, w_out).reshape(b, heads * d, -1)
-  probs = jax.nn.softmax(q, axis=-1).reshape(b, n, heads * d)
-  return jnp.einsum('bnk,bkf->bnf', probs, to_output)
+  to_output = jnp.einsum('bhde,hef->bhdf', context, w_out.astype(stat_dtype))
+  probs = jax.nn.softmax(q.astype(stat_dtype), axis=-1).astype(dtype)
+  return jnp.einsum('bnk,bkf->bnf', probs.reshape(b, n, heads * d),
+                    to_output.reshape(b, heads * d, -1).astype(dtype))
 
 
 class _AttentionSettings(nn.Module):
@@ -370,15 +383,13 @@ class LinearAttention(_AttentionSettings):
     # Output channels (qkv, head, dim): the library's `chunk(3)`, then '(h c)'. q and k
     # as two GEMMs, so each gradient feeds its own (see PointwiseConv's splits).
     w_q, w_k, w_v = jnp.split(w_qkv, 3, axis=-1)
-    # The attention's softmaxes and context run in at least float32.
-    stat_dtype = _at_least_f32(self.dtype)
-    q, k = (_split_heads(_channel_matmul(y, w_), self.heads, self.dim_head).astype(stat_dtype)
+    # The attention's full-size tensors stay in self.dtype; its statistics and small
+    # context run in at least float32 (see `linear_attention`).
+    q, k = (_split_heads(_channel_matmul(y, w_), self.heads, self.dim_head)
             for w_ in (w_q, w_k))
     out = linear_attention(
-        q, k, y.astype(stat_dtype),
-        w_v.astype(stat_dtype).reshape(c, self.heads, self.dim_head),
-        w_out.astype(stat_dtype).reshape(self.heads, self.dim_head, c),
-        mem_kv.astype(stat_dtype), self.dim_head**-0.5)
+        q, k, y, w_v.reshape(c, self.heads, self.dim_head),
+        w_out.reshape(self.heads, self.dim_head, c), mem_kv, self.dim_head**-0.5)
     out = (out.astype(self.dtype) + bias).reshape(b, h, w, c)
     return RMSNorm(name='to_out_norm', **kw)(out)
 

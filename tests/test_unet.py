@@ -136,6 +136,67 @@ def test_linear_attention_matches_the_concatenated_softmax(x64):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def test_linear_attention_in_bfloat16_is_close_to_float32():
+  """bfloat16 inputs: values and gradients within bfloat16 rounding of the float32
+  library grouping run on the same (rounded) inputs; the output stays bfloat16."""
+  rng = np.random.default_rng(1)
+  b, n, heads, d, c, f = 2, 256, 4, 8, 16, 16
+  shapes = [(b, n, heads, d), (b, n, heads, d), (b, n, c), (c, heads, d), (heads, d, f),
+            (2, 4, heads, d)]
+  args16 = [jnp.asarray(rng.standard_normal(s) * 2, jnp.bfloat16) for s in shapes]
+  args32 = [a.astype(jnp.float32) for a in args16]
+  weights = jnp.asarray(rng.standard_normal((b, n, f)), jnp.float32)
+
+  def loss(fn):
+    return lambda *args: jnp.sum(fn(*args, d**-0.5).astype(jnp.float32) * weights)
+
+  def rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+  out = unet.linear_attention(*args16, d**-0.5)
+  assert out.dtype == jnp.bfloat16
+  # Rounding the output alone to bfloat16 costs ~2e-3 (8 mantissa bits).
+  assert rel(out, _linear_attention_as_the_library_groups_it(*args32, d**-0.5)) < 1e-2
+  argnums = tuple(range(len(shapes)))
+  grads = jax.grad(loss(unet.linear_attention), argnums)(*args16)
+  expected = jax.grad(loss(_linear_attention_as_the_library_groups_it), argnums)(*args32)
+  for got, want in zip(grads, expected):
+    assert got.dtype == jnp.bfloat16 and rel(got, want) < 2e-2
+
+
+def _dots(jaxpr):
+  """Every dot_general equation of a jaxpr, its sub-jaxprs included."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'dot_general':
+      yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          yield from _dots(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          yield from _dots(sub)
+
+
+def test_bfloat16_linear_attention_multiplies_its_full_size_tensors_in_bfloat16():
+  """The GEMMs over all positions read bfloat16 operands, forward and backward (the
+  [B, N, ...] tensors are the layer's memory traffic); only the small per-image context
+  products run in float32."""
+  layer = unet.LinearAttention(heads=2, dim_head=8, dtype=jnp.bfloat16)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 16)), jnp.float32)
+  params = layer.init(jax.random.key(0), x)['params']
+  loss = lambda p, x: jnp.sum(layer.apply({'params': p}, x).astype(jnp.float32) ** 2)
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x).jaxpr
+  positions = (8 * 8, 2 * 8 * 8)  # N, and B * N where the kernel gradients flatten.
+  over_positions = [eqn for eqn in _dots(jaxpr)
+                    if any(set(positions) & set(v.aval.shape) for v in eqn.invars)]
+  # Forward: the q and k projections, exp(k)^T y, the output; backward: two per GEMM.
+  assert len(over_positions) == 12
+  assert all(v.aval.dtype == jnp.bfloat16
+             for eqn in over_positions for v in eqn.invars), [
+                 [str(v.aval) for v in eqn.invars] for eqn in over_positions]
+
+
 def test_upsample_nearest():
   x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
   expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
