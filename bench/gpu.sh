@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Speed benchmarks on one NVIDIA GPU: eo_ddpm_jax beside denoising-diffusion-pytorch 1.10.12.
 #
-# Needs only JAX (CUDA), Flax, Optax, PyTorch (CUDA) and, on PYTHONPATH, ml_collections,
-# denoising-diffusion-pytorch 1.10.12, ema-pytorch, pytorch-fid and beartype; data are
+# Needs only JAX (CUDA), Flax, Optax, PyTorch (CUDA) and ml_collections, denoising-
+# diffusion-pytorch 1.10.12, ema-pytorch, pytorch-fid and beartype (on PYTHONPATH, or as
+# wheels in .gpu/wheels from bench/gpu_prepare.sh, which gpu_lib.sh installs); data are
 # synthetic batches in device memory. Runs, most important first, each under its own
 # timeout and all under one deadline so the whole script ends within BENCH_BUDGET_S:
 #   1. train step, the study's config (dim 64, (1,2,4), 128x128, T=500, batch 8),
@@ -14,6 +15,7 @@
 # those benchmarks (keys: train_f32_b8 train_bf16_b8 sample_bf16 sample_f32
 # train_bf16_b64 train_bf16_b256), in this order.
 #
+#   bash bench/gpu_prepare.sh                  # first, where pip reaches PyPI (.gpu/)
 #   bash bench/gpu.sh                          # on the GPU machine
 #   BENCH_ONLY="train_bf16_b256" bash bench/gpu.sh
 #   BENCH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu.sh   # tiny sizes, any machine

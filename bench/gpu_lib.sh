@@ -7,6 +7,16 @@ export PYTHONUNBUFFERED=1
 PYTHON="${PYTHON:-python3}"
 FAILED=()
 
+# Packages carried as wheels (bench/gpu_prepare.sh) to a host that cannot reach PyPI go
+# into a temporary folder on PYTHONPATH, made absolute as runs cd into BASELINE_DIR.
+if compgen -G ".gpu/wheels/*.whl" >/dev/null; then
+  CARRIED_SITE="${TMPDIR:-/tmp}/eo_ddpm_jax_carried_site"
+  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --upgrade \
+      --target "$CARRIED_SITE" .gpu/wheels/*.whl || exit 1
+  export PYTHONPATH="$CARRIED_SITE${PYTHONPATH:+:$PYTHONPATH}"
+  echo "== carried wheels installed in $CARRIED_SITE: $(ls .gpu/wheels | tr '\n' ' ')"
+fi
+
 # write_header TITLE LINE...: opens a run's section in $RESULTS: the title and the time,
 # the GPU, then each LINE as a bullet.
 write_header() {

@@ -13,6 +13,8 @@
 # Tables go to $OUT/gpu_profile.md (else bench/gpu_profile/gpu_profile.md); traces and
 # HLO are packed into gpu_profile_traces.tgz beside it.
 #
+#   BASE_REF=<commit> bash bench/gpu_prepare.sh     # first, where pip reaches PyPI:
+#                                                   # wheels and a baseline in .gpu/
 #   bash bench/gpu_profile.sh                       # on the GPU machine
 #   BASELINE_DIR=/path/to/old bash bench/gpu_profile.sh
 #   BENCH_LARGE_BATCH=128 bash bench/gpu_profile.sh  # if 256 does not fit the card
