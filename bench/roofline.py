@@ -86,9 +86,10 @@ def flops(eqn) -> int:
   if eqn.primitive.name == 'dot_general':
     (lhs_contract, _), _ = eqn.params['dimension_numbers']
     return 2 * out.size * math.prod(lhs.shape[i] for i in lhs_contract)
-  spec = eqn.params['dimension_numbers'].rhs_spec  # (out features, in features, spatial...)
+  # rhs_spec: (out features, in features per group, spatial...).
+  spec = eqn.params['dimension_numbers'].rhs_spec
   window = math.prod(rhs.shape[i] for i in spec[2:])
-  return 2 * out.size * rhs.shape[spec[1]] * window // eqn.params['feature_group_count']
+  return 2 * out.size * rhs.shape[spec[1]] * window
 
 
 def layer_kind(name_stack: str) -> str:
