@@ -1,5 +1,5 @@
-"""Tests for bench/roofline.py: its FLOP counts against XLA's cost analysis, and the
-layer kinds it reads from name stacks."""
+"""Tests for the counts of bench/roofline.py (FLOPs against XLA's cost analysis, layer
+kinds from name stacks) and bench/gpu_compile.py (bytes of a GPU program's kernels)."""
 
 import jax
 import jax.numpy as jnp
@@ -56,3 +56,34 @@ def test_equations_give_full_name_stacks_inside_nested_jaxprs():
 ])
 def test_layer_kind(name_stack, kind):
   assert roofline.layer_kind(name_stack) == kind
+
+
+_HLO = """HloModule jit_step
+
+%fused_computation (p: bf16[4,8]) -> f32[4,8] {
+  %p = bf16[4,8]{1,0} parameter(0)
+  ROOT %c = f32[4,8]{1,0} convert(%p)
+}
+
+ENTRY %main (a: bf16[4,8], k: bf16[3,3,8,2]) -> (f32[4,8], bf16[4,2]) {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %k = bf16[3,3,8,2]{3,2,1,0} parameter(1)
+  %loop_convert_fusion.3 = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_computation, metadata={op_name="jit(step)/jvp(UNet)/downs_0_attn/convert_element_type"}
+  %cc = (bf16[4,2]{1,0}, u8[100]{0}) custom-call(%a, %k), custom_call_target="__cudnn$convForward", metadata={op_name="jit(step)/jvp(UNet)/mid_block1/block1/proj/conv"}
+  %gte = bf16[4,2]{1,0} get-tuple-element(%cc), index=0
+  ROOT %t = (f32[4,8]{1,0}, bf16[4,2]{1,0}) tuple(%loop_convert_fusion.3, %gte)
+}
+"""
+
+
+def test_gpu_compile_charges_each_kernel_its_operands_and_results():
+  from bench import gpu_compile  # pylint: disable=g-import-not-at-top
+  found = gpu_compile.kernels(_HLO)
+  # The fusion reads bf16[4,8] (64 B) and writes f32[4,8] (128 B); the custom call reads
+  # it and the bf16[3,3,8,2] kernel (288 B) and writes bf16[4,2] and its u8[100] scratch.
+  assert found == [
+      dict(kind='loop_convert_fusion', bytes=64 + 128,
+           layer='attention projections and linear attention'),
+      dict(kind='__cudnn$convForward', bytes=64 + 288 + 16 + 100,
+           layer='ResNet blocks (3x3 convs, 1x1 residual convs)'),
+  ]

@@ -1,0 +1,195 @@
+"""The train step compiled for an NVIDIA GPU on a machine without one: its kernels, their
+memory traffic and its memory, read from XLA's optimised GPU program.
+
+XLA compiles for a described GPU without the device (deviceless AOT:
+`jax.experimental.topologies` with a target config). The optimised HLO lists the kernels
+a step launches (fusions, cuDNN convolutions and attention, Triton GEMMs); each kernel's
+operand and result bytes, summed, are the step's memory traffic, and XLA's buffer
+assignment gives its temporary memory. No GPU runs anything, so there are no timings:
+this measures the bytes a change saves, on any machine, before a GPU confirms the time.
+Checked against the cards (bench/RESULTS.md): at eea3a5f it gives 47.4 GiB of temporaries
+where the H200 measured a 49.0 GiB peak, and at 3ef6ece (float32, batch 8) the same
+fusion counts as the H100's profile (687 vs 688 reductions, 184 and 102 loops).
+
+Set-up, once, outside the project's environment (~900 MB; the GPU compiler, cuDNN):
+  python -m pip install --no-deps --target .gpu_compile nvidia-cudnn-cu12 \\
+      jax-cuda12-plugin==$JAX_VERSION jax-cuda12-pjrt==$JAX_VERSION
+where $JAX_VERSION is the installed jax's. Then:
+  PYTHONPATH=.gpu_compile JAX_PLATFORMS=cpu python -m bench.gpu_compile
+  PYTHONPATH=... JAX_PLATFORMS=cpu python -m bench.gpu_compile --batch 8 --precision float32
+"""
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+from bench import common  # First: sets the environment jax reads at import.
+
+import argparse
+import collections
+import functools
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from bench import roofline
+from eo_ddpm_jax import train_step as train_lib
+
+# The GPUs' descriptions for XLA's compiler (public datasheet figures; XLA's GPU
+# target-config text format). Only the memory size and bandwidth differ between the two.
+_TARGET_CONFIG = """
+gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
+  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
+  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
+  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 7 }}
+runtime_version {{ major: 12 minor: 8 patch: 0 }}
+device_description_str: "{name}"
+"""
+CARDS = {
+    'H100': dict(name='NVIDIA H100 80GB HBM3', bandwidth=3_352_320_000_000,
+                 memory=84_929_347_584),
+    'H200': dict(name='NVIDIA H200', bandwidth=4_800_000_000_000, memory=150_754_820_096),
+}
+_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
+                'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
+# HLO instructions that launch nothing: aliases, bookkeeping and inputs.
+_NOT_KERNELS = {'parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant',
+                'after-all', 'partition-id', 'replica-id'}
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  common.add_model_flags(parser)
+  parser.add_argument('--batch', type=int, default=256)
+  parser.add_argument('--card', choices=sorted(CARDS), default='H100')
+  parser.add_argument('--dump_hlo', default='',
+                      help='Also write the optimised HLO text to this file.')
+  parser.set_defaults(precision='bfloat16')
+  return parser.parse_args(argv)
+
+
+def compile_for_gpu(args):
+  """The train step compiled for args.card; returns (compiled, compile seconds, attention)."""
+  try:
+    topology = topologies.get_topology_desc(
+        platform='cuda', topology='1x1x1',
+        target_config=_TARGET_CONFIG.format(**CARDS[args.card]))
+  except Exception as error:  # pylint: disable=broad-except
+    raise SystemExit(
+        f'Cannot compile for a GPU here ({type(error).__name__}: {error}). Install the '
+        'GPU compiler beside this jax (see `python -m bench.gpu_compile --help`) and put '
+        'it on PYTHONPATH.') from error
+  config = common.study_config(args, args.batch)
+  # 'auto' resolves for the GPU, not for this machine's backend.
+  config.model.attention_impl = train_lib.attention_impl(
+      args.attention_impl, args.precision, backend='gpu')
+  model = train_lib.create_model(config.model)
+  learning_rate_fn = train_lib.create_learning_rate_fn(config.optim, 1000)
+  tx = train_lib.create_optimizer(config.optim, learning_rate_fn)
+  step = train_lib.make_train_step(config, model, tx,
+                                   train_lib.create_schedule(config.diffusion),
+                                   learning_rate_fn)
+  mesh = train_lib.make_mesh(topology.devices)
+  image_shape = (args.image_size, args.image_size, args.channels)
+  state = jax.eval_shape(functools.partial(train_lib.create_train_state, config, model,
+                                           tx, image_shape=image_shape),
+                         jax.random.PRNGKey(0))
+  batch = {'image': jax.ShapeDtypeStruct((args.batch, *image_shape), jnp.float32)}
+  jitted = train_lib.compile_train_step(step, mesh, train_lib.replicated_sharding(mesh, state),
+                                        train_lib.batch_sharding(mesh))
+  start = time.perf_counter()
+  compiled = jitted.lower(state, batch).compile()
+  return compiled, time.perf_counter() - start, config.model.attention_impl
+
+
+def _bytes_of(shape_text: str) -> int:
+  """Bytes of the arrays in an HLO shape such as 'bf16[8,16]{1,0}' or a tuple of them."""
+  total = 0
+  for dtype, dims in re.findall(r'\b(\w+)\[([\d,]*)\]', shape_text):
+    size = _DTYPE_BYTES.get(dtype, 0)
+    for d in filter(None, dims.split(',')):
+      size *= int(d)
+    total += size
+  return total
+
+
+def kernels(hlo_text: str) -> list[dict]:
+  """The ENTRY computation's kernels: name, kind, bytes read and written, op name.
+
+  Each kernel is charged its operands' and results' full sizes, once: what it must read
+  from and write to memory when nothing stays in cache between kernels.
+  """
+  entry = hlo_text[hlo_text.index('\nENTRY'):]
+  entry = entry[:entry.index('\n}')]
+  sizes, found = {}, []
+  for line in entry.splitlines()[1:]:
+    match = re.match(r'\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:, |$)', line)
+    if not match:
+      continue
+    name, shape_text, opcode, operands = match.groups()
+    sizes[name] = _bytes_of(shape_text)
+    if opcode in _NOT_KERNELS:
+      continue
+    target = re.search(r'custom_call_target="([^"]*)"', line)
+    op_name = re.search(r'op_name="([^"]*)"', line)
+    kind = (target.group(1) if target else
+            re.sub(r'[.\d]+$', '', name) if opcode == 'fusion' else opcode)
+    found.append(dict(
+        kind=kind, bytes=sizes[name] + sum(sizes.get(o, 0) for o in
+                                           re.findall(r'%([\w.\-]+)', operands)),
+        layer=roofline.layer_kind(op_name.group(1) if op_name else '')))
+  return found
+
+
+def main(argv):
+  args = parse_args(argv)
+  compiled, compile_s, attention = compile_for_gpu(args)
+  text = compiled.as_text()
+  if args.dump_hlo:
+    with open(args.dump_hlo, 'w', encoding='utf-8') as f:
+      f.write(text)
+  found = kernels(text)
+  total = sum(k['bytes'] for k in found)
+  bandwidth = CARDS[args.card]['bandwidth']
+
+  def table(key, top):
+    count, moved = collections.Counter(), collections.Counter()
+    for k in found:
+      count[k[key]] += 1
+      moved[k[key]] += k['bytes']
+    rows = [[name, f'{count[name]:,}', f'{moved[name] / 1e9:,.1f}',
+             f'{moved[name] / total:.1%}'] for name, _ in moved.most_common(top)]
+    return common.markdown_table([key, 'kernels', 'GB moved', 'share'], rows)
+
+  memory = compiled.memory_analysis()
+  common.report(
+      f'GPU program of the train step (deviceless compile for an {args.card}), '
+      f'{args.precision}, batch {args.batch}',
+      table('layer', 10) + '\n\n' + table('kind', 16),
+      [f'{common.describe_unet(args)}, {args.image_size}x{args.image_size}x'
+       f'{args.channels}; full attention: {attention}.',
+       f'Compiled by XLA for a described {CARDS[args.card]["name"]} on this machine, with no '
+       f'GPU (jax.experimental.topologies): {compile_s:.0f} s. Nothing ran: no timings.',
+       f'**{len(found):,} kernels moving {total / 1e9:,.1f} GB per step** (each kernel\'s '
+       f'operands and results, read or written once); at the card\'s '
+       f'{bandwidth / 1e12:.2f} TB/s that alone takes {total / bandwidth * 1e3:.1f} ms.',
+       f'Temporary memory (XLA buffer assignment): '
+       f'{memory.temp_size_in_bytes / 2**30:.2f} GiB; arguments '
+       f'{memory.argument_size_in_bytes / 2**30:.2f} GiB.',
+       'Layers by roofline.layer_kind of each kernel\'s op name (a fusion is charged to '
+       'the layer of its root op).',
+       args.note],
+      args.results)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
