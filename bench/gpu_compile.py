@@ -24,13 +24,11 @@ from bench import common  # First: sets the environment jax reads at import.
 
 import argparse
 import collections
-import functools
 import re
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import topologies
 
 from bench import roofline
@@ -88,27 +86,15 @@ def compile_for_gpu(args):
         f'Cannot compile for a GPU here ({type(error).__name__}: {error}). Install the '
         'GPU compiler beside this jax (see `python -m bench.gpu_compile --help`) and put '
         'it on PYTHONPATH.') from error
-  config = common.study_config(args, args.batch)
   # 'auto' resolves for the GPU, not for this machine's backend.
-  config.model.attention_impl = train_lib.attention_impl(
-      args.attention_impl, args.precision, backend='gpu')
-  model = train_lib.create_model(config.model)
-  learning_rate_fn = train_lib.create_learning_rate_fn(config.optim, 1000)
-  tx = train_lib.create_optimizer(config.optim, learning_rate_fn)
-  step = train_lib.make_train_step(config, model, tx,
-                                   train_lib.create_schedule(config.diffusion),
-                                   learning_rate_fn)
+  attention = train_lib.attention_impl(args.attention_impl, args.precision, backend='gpu')
+  step, state, batch = roofline.abstract_step(args, attention)
   mesh = train_lib.make_mesh(topology.devices)
-  image_shape = (args.image_size, args.image_size, args.channels)
-  state = jax.eval_shape(functools.partial(train_lib.create_train_state, config, model,
-                                           tx, image_shape=image_shape),
-                         jax.random.PRNGKey(0))
-  batch = {'image': jax.ShapeDtypeStruct((args.batch, *image_shape), jnp.float32)}
   jitted = train_lib.compile_train_step(step, mesh, train_lib.replicated_sharding(mesh, state),
                                         train_lib.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
-  return compiled, time.perf_counter() - start, config.model.attention_impl
+  return compiled, time.perf_counter() - start, attention
 
 
 def _bytes_of(shape_text: str) -> int:
