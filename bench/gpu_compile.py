@@ -52,10 +52,11 @@ runtime_version {{ major: 12 minor: 8 patch: 0 }}
 device_description_str: "{name}"
 """
 CARDS = {
-    'H100': dict(name='NVIDIA H100 80GB HBM3', bandwidth=3_352_320_000_000,
-                 memory=84_929_347_584),
-    'H200': dict(name='NVIDIA H200', bandwidth=4_800_000_000_000, memory=150_754_820_096),
+    'H100': dict(name='NVIDIA H100 80GB HBM3', memory=84_929_347_584),
+    'H200': dict(name='NVIDIA H200', memory=150_754_820_096),
 }
+for _card, _facts in CARDS.items():
+  _facts['bandwidth'] = int(common.HBM_BANDWIDTH_TBS[_card] * 1e12)  # bytes/s
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
                 'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
 # HLO instructions that launch nothing: aliases, bookkeeping and inputs.
@@ -109,7 +110,8 @@ def _bytes_of(shape_text: str) -> int:
 
 
 def kernels(hlo_text: str) -> list[dict]:
-  """The ENTRY computation's kernels: name, kind, bytes read and written, op name.
+  """The ENTRY computation's kernels, as dicts: kind (fusion name or custom-call
+  target), bytes (read and written) and layer (`roofline.layer_kind` of its op name).
 
   Each kernel is charged its operands' and results' full sizes, once: what it must read
   from and write to memory when nothing stays in cache between kernels.

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 
 from eo_ddpm_jax import train_step as train_lib
 
-# (dense bf16 peak TFLOP/s, HBM TB/s) from the datasheets (SXM parts).
-CARDS = {'H100': (989.0, 3.35), 'H200': (989.0, 4.8)}
+# (dense bf16 peak TFLOP/s, memory TB/s) of each card.
+CARDS = {card: (common.PEAK_BF16_TFLOPS[card], tbs)
+         for card, tbs in common.HBM_BANDWIDTH_TBS.items()}
 # The einsums of full attention's core (unet.Attention, einsum path).
 FULL_ATTENTION_CORE = re.compile(r'bqhd,bkhd->bhqk|bhqk,bkhd->bqhd')
 

@@ -390,7 +390,7 @@ class LinearAttention(_AttentionSettings):
     out = linear_attention(
         q, k, y, w_v.reshape(c, self.heads, self.dim_head),
         w_out.reshape(self.heads, self.dim_head, c), mem_kv, self.dim_head**-0.5)
-    out = (out.astype(self.dtype) + bias).reshape(b, h, w, c)
+    out = (out + bias).reshape(b, h, w, c)  # linear_attention returns self.dtype.
     return RMSNorm(name='to_out_norm', **kw)(out)
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bench import roofline  # Its jaxpr walker.
 from eo_ddpm_jax import unet
 
 
@@ -165,19 +166,6 @@ def test_linear_attention_in_bfloat16_is_close_to_float32():
     assert got.dtype == jnp.bfloat16 and rel(got, want) < 2e-2
 
 
-def _dots(jaxpr):
-  """Every dot_general equation of a jaxpr, its sub-jaxprs included."""
-  for eqn in jaxpr.eqns:
-    if eqn.primitive.name == 'dot_general':
-      yield eqn
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        if isinstance(sub, jax.extend.core.ClosedJaxpr):
-          yield from _dots(sub.jaxpr)
-        elif isinstance(sub, jax.extend.core.Jaxpr):
-          yield from _dots(sub)
-
-
 def test_bfloat16_linear_attention_multiplies_its_full_size_tensors_in_bfloat16():
   """The GEMMs over all positions read bfloat16 operands, forward and backward (the
   [B, N, ...] tensors are the layer's memory traffic); only the small per-image context
@@ -188,8 +176,9 @@ def test_bfloat16_linear_attention_multiplies_its_full_size_tensors_in_bfloat16(
   loss = lambda p, x: jnp.sum(layer.apply({'params': p}, x).astype(jnp.float32) ** 2)
   jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, x).jaxpr
   positions = (8 * 8, 2 * 8 * 8)  # N, and B * N where the kernel gradients flatten.
-  over_positions = [eqn for eqn in _dots(jaxpr)
-                    if any(set(positions) & set(v.aval.shape) for v in eqn.invars)]
+  over_positions = [
+      eqn for eqn, _ in roofline.equations(jaxpr) if eqn.primitive.name == 'dot_general'
+      and any(set(positions) & set(v.aval.shape) for v in eqn.invars)]
   # Forward: the q and k projections, exp(k)^T y, the output; backward: two per GEMM.
   assert len(over_positions) == 12
   assert all(v.aval.dtype == jnp.bfloat16
