@@ -76,6 +76,9 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                            'bfloat16 runs the forward under torch.autocast(bfloat16).')
   parser.add_argument('--attention_impl', choices=('auto', 'einsum', 'cudnn'),
                       default='auto', help='JAX full attention kernel (model.attention_impl).')
+  parser.add_argument('--linear_attention_impl', default='xla',
+                      choices=('xla', 'triton', 'triton_interpret'),
+                      help='JAX linear attention kernels (model.linear_attention_impl).')
   parser.add_argument('--timesteps', type=int, default=500, help='Diffusion steps T.')
   parser.add_argument('--schedule', default='sigmoid', help='Beta schedule name.')
   parser.add_argument('--objective', default='pred_noise')
@@ -114,6 +117,7 @@ def study_config(args: argparse.Namespace, batch_size: int):
   config.model.attn_dim_head = args.attn_dim_head
   config.model.dtype = args.precision
   config.model.attention_impl = args.attention_impl
+  config.model.linear_attention_impl = args.linear_attention_impl
   config.data.image_size = args.image_size
   config.diffusion.timesteps = args.timesteps
   config.diffusion.schedule = args.schedule

@@ -89,7 +89,7 @@ def compile_for_gpu(args):
         'it on PYTHONPATH.') from error
   # 'auto' resolves for the GPU, not for this machine's backend.
   attention = train_lib.attention_impl(args.attention_impl, args.precision, backend='gpu')
-  step, state, batch = roofline.abstract_step(args, attention)
+  step, state, batch = roofline.abstract_step(args, attention, args.linear_attention_impl)
   mesh = train_lib.make_mesh(topology.devices)
   jitted = train_lib.compile_train_step(step, mesh, train_lib.replicated_sharding(mesh, state),
                                         train_lib.batch_sharding(mesh))
@@ -164,7 +164,8 @@ def main(argv):
       f'{args.precision}, batch {args.batch}',
       table('layer', 10) + '\n\n' + table('kind', 16),
       [f'{common.describe_unet(args)}, {args.image_size}x{args.image_size}x'
-       f'{args.channels}; full attention: {attention}.',
+       f'{args.channels}; full attention: {attention}; linear attention: '
+       f'{args.linear_attention_impl}.',
        f'Compiled by XLA for a described {CARDS[args.card]["name"]} on this machine, with no '
        f'GPU (jax.experimental.topologies): {compile_s:.0f} s. Nothing ran: no timings.',
        f'**{len(found):,} kernels moving {total / 1e9:,.1f} GB per step** (each kernel\'s '

@@ -47,12 +47,13 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def abstract_step(args, attention_impl: str = 'einsum'):
+def abstract_step(args, attention_impl: str = 'einsum', linear_attention_impl: str = 'xla'):
   """(step, state, batch): the train step at the benchmark's config and args.batch, with
-  this full attention (einsum traces anywhere; its logits are dropped below), and its
-  arguments as abstract shapes."""
+  these attention kernels (einsum and xla trace into plain ops, which this module
+  counts; einsum's logits are dropped below), and its arguments as abstract shapes."""
   config = common.study_config(args, args.batch)
   config.model.attention_impl = attention_impl
+  config.model.linear_attention_impl = linear_attention_impl
   model = train_lib.create_model(config.model)
   learning_rate_fn = train_lib.create_learning_rate_fn(config.optim, 1000)
   tx = train_lib.create_optimizer(config.optim, learning_rate_fn)

@@ -59,7 +59,7 @@ def parse_args(argv):
                            'also reports the median of the per-pair ratios.')
   parser.add_argument('--check_attention', action='store_true',
                       help='Also report how far the U-Net output with the chosen attention '
-                           'kernel is from the einsum reference on one batch.')
+                           'kernels is from the einsum and XLA reference on one batch.')
   parser.add_argument('--no_torch_flops', dest='torch_flops', action='store_false',
                       help='Skip counting torch FLOPs (one extra eager step under '
                            'torch.utils.flop_counter).')
@@ -109,9 +109,11 @@ def prepare_jax(args, config) -> dict:
   start = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
-  # The model's FLOPs: the same step with einsum attention, analysed on the CPU.
+  # The model's FLOPs: the same step with einsum and XLA linear attention (the GPU
+  # kernels do not lower for the CPU), analysed on the CPU.
   einsum_config = config.copy_and_resolve_references()
   einsum_config.model.attention_impl = 'einsum'
+  einsum_config.model.linear_attention_impl = 'xla'
   flops = common.cpu_model_flops(
       train_lib.make_train_step(einsum_config, train_lib.create_model(einsum_config.model),
                                 tx, schedule, learning_rate_fn), state, batch)
@@ -142,22 +144,25 @@ def prepare_jax(args, config) -> dict:
 
 
 def attention_difference(config, params, images: np.ndarray) -> dict[str, float]:
-  """How far the U-Net output (t = T/2) with the configured attention kernel and with
-  einsum attention, both in the compute dtype, are from a float32 einsum reference:
-  max |out - ref| / max |ref| for each kernel name."""
+  """How far the U-Net output (t = T/2) with the configured attention kernels and with
+  einsum and XLA linear attention, both in the compute dtype, are from a float32
+  einsum and XLA reference: max |out - ref| / max |ref| for each pair of kernel names
+  ('full attention + linear attention')."""
   t = jnp.full((images.shape[0],), config.diffusion.timesteps // 2, jnp.int32)
 
-  def output(impl, dtype):
+  def output(impls, dtype):
     model_config = config.model.copy_and_resolve_references()
-    model_config.attention_impl, model_config.dtype = impl, dtype
+    model_config.attention_impl, model_config.linear_attention_impl = impls
+    model_config.dtype = dtype
     model = train_lib.create_model(model_config)
     return np.asarray(jax.jit(model.apply)({'params': params}, images, t), np.float64)
 
-  reference = output('einsum', 'float32')
-  chosen = train_lib.attention_impl(config.model.attention_impl, config.model.dtype)
-  return {impl: float(np.abs(output(impl, config.model.dtype) - reference).max()
-                      / np.abs(reference).max())
-          for impl in dict.fromkeys((chosen, 'einsum'))}
+  reference = output(('einsum', 'xla'), 'float32')
+  chosen = (train_lib.attention_impl(config.model.attention_impl, config.model.dtype),
+            config.model.linear_attention_impl)
+  return {' + '.join(impls): float(np.abs(output(impls, config.model.dtype) - reference).max()
+                                   / np.abs(reference).max())
+          for impls in dict.fromkeys((chosen, ('einsum', 'xla')))}
 
 
 def prepare_torch(args, config) -> dict:
@@ -301,7 +306,8 @@ def main(argv):
       f'blocks of {args.steps_per_repeat} steps, each synchronised at its end; '
       'step = block time / steps'
       + ('; JAX and torch blocks alternate.' if torch_result and interleave else '.'),
-      f'JAX full attention: {train_lib.attention_impl(args.attention_impl, args.precision)}.',
+      f'JAX full attention: {train_lib.attention_impl(args.attention_impl, args.precision)}'
+      f'; linear attention: {args.linear_attention_impl}.',
       'FLOP/step: XLA cost analysis of the un-optimised step lowered for the CPU (JAX; '
       'counts the convolutions the GPU program hides in cuDNN calls); '
       'torch.utils.flop_counter over one step (torch). MFU: against '
@@ -312,7 +318,8 @@ def main(argv):
   if jax_result['attention_gap'] is not None:
     gaps = ', '.join(f'{impl} {gap:.2e}' for impl, gap in jax_result['attention_gap'].items())
     notes.append(f'U-Net output in {args.precision} vs a float32 einsum-attention reference '
-                 f'(same params, one batch, max abs difference / max abs): {gaps}.')
+                 f'and XLA linear-attention reference (same params, one batch, max abs '
+                 f'difference / max abs): {gaps}.')
   notes += [
       f'study 11 epochs: {study_steps():,} steps x {common.STUDY_BATCH} images '
       '(11 x floor(45,753 / 8)) at the measured images/s of this batch size.',

@@ -14,7 +14,7 @@ from eo_ddpm_jax import config_check
 
 CONFIG_FILE = 'config.json'
 # What a run's checkpoints mean: the network's shape and the diffusion they sample.
-# (model.dtype and model.attention_impl may differ: they change the arithmetic only.)
+# (model.dtype and the attention kernels may differ: they change the arithmetic only.)
 CHECKPOINT_KEYS = (
     'data.image_size', 'model.dim', 'model.dim_mults', 'model.channels',
     'model.resnet_block_groups', 'model.attn_heads', 'model.attn_dim_head',

@@ -86,7 +86,8 @@ def make_sample_fn(config: ml_collections.ConfigDict, model, schedule: schedules
                      f'devices it is sharded over.')
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(sample, in_shardings=(replicated, split), out_shardings=split)
+  return jax.jit(train_step_lib.with_mesh(sample, mesh), in_shardings=(replicated, split),
+                 out_shardings=split)
 
 
 def sharded_batch_size(batch_size: int, num_devices: int) -> int:

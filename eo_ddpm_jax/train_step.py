@@ -6,6 +6,7 @@ logging I/O), so benchmarks can import it alone. The step is a pure function
 `fold_in(state.rng, state.step)`, so a resumed run repeats an uninterrupted one.
 """
 
+import functools
 from typing import Any, Callable
 
 import flax
@@ -234,9 +235,20 @@ def compile_train_step(train_step: Callable, mesh: jax.sharding.Mesh,
     The jitted step; the old state's buffers are reused for the new one.
   """
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return jax.jit(train_step, donate_argnums=(0,),
+  return jax.jit(with_mesh(train_step, mesh), donate_argnums=(0,),
                  in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, replicated))
+
+
+def with_mesh(fn: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """fn traced with `mesh` as the context mesh, so layers that must split the batch
+  themselves (the fused linear attention's kernels, which XLA cannot partition) see
+  how it is split."""
+  @functools.wraps(fn)
+  def traced_under_mesh(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args)
+  return traced_under_mesh
 
 
 def replicated_sharding(mesh: jax.sharding.Mesh, tree: PyTree) -> PyTree:
@@ -308,5 +320,6 @@ def create_model(model_config: ml_collections.ConfigDict) -> flax.linen.Module:
       full_attn=tuple(model_config.full_attn) or None,
       self_condition=model_config.self_condition,
       attention_impl=attention_impl(model_config.attention_impl, model_config.dtype),
+      linear_attention_impl=model_config.linear_attention_impl,
       dtype=model_dtype(model_config.dtype))
 

@@ -23,9 +23,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from eo_ddpm_jax import fused_linear_attention as fused_lib
+
 Dtype = Any
-# Kernels for full attention (see `_AttentionSettings`).
+# Kernels for full attention and for linear attention (see `_AttentionSettings`).
 ATTENTION_IMPLS = ('einsum', 'cudnn')
+LINEAR_ATTENTION_IMPLS = ('xla', 'triton', 'triton_interpret')
 
 
 def _at_least_f32(dtype: Dtype) -> Dtype:
@@ -338,8 +341,14 @@ class _AttentionSettings(nn.Module):
   `impl` chooses how full attention runs: 'einsum' materialises the logits in >= float32
   (exact, any backend, the reference); 'cudnn' is jax.nn.dot_product_attention's fused
   flash kernel (NVIDIA GPUs, bfloat16/float16), which never stores the [B, heads, N, N]
-  logits: at batch 256 and 32x32 tokens those are 4 GiB per layer. Linear attention
-  ignores it.
+  logits: at batch 256 and 32x32 tokens those are 4 GiB per layer.
+
+  `LinearAttention` reads `impl` as one of LINEAR_ATTENTION_IMPLS: 'xla' is
+  `linear_attention` (any backend); 'triton' is `fused_linear_attention`'s Pallas
+  kernels (NVIDIA GPUs), which never store the [B, N, heads * d] q, k and
+  exponentials, for the layers whose shapes they take (XLA for the others, and in
+  float64); 'triton_interpret' runs those kernels in Pallas' interpreter (any
+  backend, slow: for checking them).
   """
   heads: int = 4
   dim_head: int = 32
@@ -371,6 +380,8 @@ class LinearAttention(_AttentionSettings):
 
   x: [B, H, W, C] -> [B, H, W, C] (the residual is added by the caller).
   """
+  impl: str = 'xla'
+
   @nn.compact
   def __call__(self, x):
     b, h, w, c = x.shape
@@ -383,13 +394,23 @@ class LinearAttention(_AttentionSettings):
     # Output channels (qkv, head, dim): the library's `chunk(3)`, then '(h c)'. q and k
     # as two GEMMs, so each gradient feeds its own (see PointwiseConv's splits).
     w_q, w_k, w_v = jnp.split(w_qkv, 3, axis=-1)
-    # The attention's full-size tensors stay in self.dtype; its statistics and small
-    # context run in at least float32 (see `linear_attention`).
-    q, k = (_split_heads(_channel_matmul(y, w_), self.heads, self.dim_head)
-            for w_ in (w_q, w_k))
-    out = linear_attention(
-        q, k, y, w_v.reshape(c, self.heads, self.dim_head),
-        w_out.reshape(self.heads, self.dim_head, c), mem_kv, self.dim_head**-0.5)
+    w_v = w_v.reshape(c, self.heads, self.dim_head)
+    w_out = w_out.reshape(self.heads, self.dim_head, c)
+    scale = self.dim_head**-0.5
+    if self.impl not in LINEAR_ATTENTION_IMPLS:
+      raise ValueError(f'LinearAttention impl={self.impl!r} is unknown; valid values: '
+                       f'{", ".join(LINEAR_ATTENTION_IMPLS)}.')
+    # The fused kernels where they fit this layer's shape and dtype, else XLA.
+    if (self.impl == 'xla' or self.dtype == jnp.float64
+        or fused_lib.unsupported(h * w, c, self.heads, self.dim_head)):
+      # The attention's full-size tensors stay in self.dtype; its statistics and small
+      # context run in at least float32 (see `linear_attention`).
+      q, k = (_split_heads(_channel_matmul(y, w_), self.heads, self.dim_head)
+              for w_ in (w_q, w_k))
+      out = linear_attention(q, k, y, w_v, w_out, mem_kv, scale)
+    else:
+      out = fused_lib.fused_linear_attention(y, w_q, w_k, w_v, w_out, mem_kv, scale,
+                                             interpret=self.impl == 'triton_interpret')
     out = (out + bias).reshape(b, h, w, c)  # linear_attention returns self.dtype.
     return RMSNorm(name='to_out_norm', **kw)(out)
 
@@ -461,6 +482,8 @@ class UNet(nn.Module):
     num_mem_kv: learned memory key/values per attention layer (fixed 4 in the library).
     attention_impl: full attention's kernel, 'einsum' or 'cudnn' (see
       `_AttentionSettings`); the outputs agree to the compute dtype's rounding.
+    linear_attention_impl: linear attention's kernels, one of LINEAR_ATTENTION_IMPLS
+      (see `_AttentionSettings`); likewise.
     dtype: compute dtype; params are `param_dtype` (float32).
   """
   dim: int
@@ -477,6 +500,7 @@ class UNet(nn.Module):
   full_attn: bool | Sequence[bool] | None = None
   num_mem_kv: int = 4
   attention_impl: str = 'einsum'
+  linear_attention_impl: str = 'xla'
   time_dim_mult: int = 4  # Time embedding width is dim * time_dim_mult.
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
@@ -520,8 +544,8 @@ class UNet(nn.Module):
       if full_attn[stage]:
         return Attention(heads[stage], dim_heads[stage], self.num_mem_kv,
                          self.attention_impl, name=name, **kw)
-      return LinearAttention(heads[stage], dim_heads[stage], self.num_mem_kv, name=name,
-                             **kw)
+      return LinearAttention(heads[stage], dim_heads[stage], self.num_mem_kv,
+                             self.linear_attention_impl, name=name, **kw)
 
     if self.self_condition:
       if x_self_cond is None:

@@ -101,6 +101,20 @@ def test_attention_impl_errors_name_key_and_fix(impl, dtype, pattern):
     config_check.check_config(config, num_devices=1, need_data=False)
 
 
+@pytest.mark.parametrize('impl, pattern', [
+    ('pallas', r"model.linear_attention_impl='pallas' is unknown; valid values: xla, "
+               r"triton, triton_interpret"),
+    # This machine is a CPU: the GPU kernels are refused before any compute.
+    ('triton', r"model.linear_attention_impl='triton' needs an NVIDIA GPU .* \(here: cpu, "
+               r"bfloat16\); use xla"),
+])
+def test_linear_attention_impl_errors_name_key_and_fix(impl, pattern):
+  config = default.get_config()
+  config.model.linear_attention_impl = impl
+  with pytest.raises(config_check.ConfigError, match=pattern):
+    config_check.check_config(config, num_devices=1, need_data=False)
+
+
 @pytest.mark.parametrize('name, dtype, backend, expected', [
     ('auto', 'bfloat16', 'gpu', 'cudnn'),
     ('auto', 'float32', 'gpu', 'einsum'),  # cuDNN's fused kernel is 16-bit only.

@@ -12,6 +12,7 @@ import pytest
 
 from bench import roofline  # Its jaxpr walker.
 from eo_ddpm_jax import unet
+from tests import linear_attention_reference as reference
 
 
 def _param_shapes(model, size=8, channels=3):
@@ -91,24 +92,6 @@ def test_pointwise_conv_is_a_1x1_conv(splits, use_bias):
                jax.grad(pointwise_loss)(params), jax.grad(conv_loss)(params))
 
 
-def _linear_attention_by_concatenation(q, k, v, mem_kv, scale):
-  """The library's steps literally: memory slots concatenated, then both softmaxes."""
-  b = k.shape[0]
-  mem = jnp.broadcast_to(mem_kv[:, None], (2, b) + mem_kv.shape[1:])
-  k = jax.nn.softmax(jnp.concatenate([mem[0], k], axis=1), axis=1)
-  v = jnp.concatenate([mem[1], v], axis=1)
-  q = jax.nn.softmax(q, axis=-1) * scale
-  context = jnp.einsum('bnhd,bnhe->bhde', k, v)
-  return jnp.einsum('bhde,bnhd->bnhe', context, q)
-
-
-def _linear_attention_as_the_library_groups_it(q, k, y, w_v, w_out, mem_kv, scale):
-  """v = y w_v, the concatenated attention, then the output projection over (head, e)."""
-  v = jnp.einsum('bnc,che->bnhe', y, w_v)
-  out = _linear_attention_by_concatenation(q, k, v, mem_kv, scale)
-  return jnp.einsum('bnhe,hef->bnf', out, w_out)
-
-
 def test_linear_attention_matches_the_concatenated_softmax(x64):
   """Values and gradients (q, k, input, both projections, memory) equal the library's
   order of operations: project v, concatenate the memory, softmax, project the output.
@@ -128,11 +111,11 @@ def test_linear_attention_matches_the_concatenated_softmax(x64):
     return lambda *args: jnp.sum(jnp.sin(fn(*args, 0.5)) * weights)
 
   np.testing.assert_allclose(unet.linear_attention(*args, 0.5),
-                             _linear_attention_as_the_library_groups_it(*args, 0.5),
+                             reference.as_the_library_groups_it(*args, 0.5),
                              rtol=1e-12, atol=1e-12)
   argnums = tuple(range(len(args)))
   grads = jax.grad(loss(unet.linear_attention), argnums)(*args)
-  expected = jax.grad(loss(_linear_attention_as_the_library_groups_it), argnums)(*args)
+  expected = jax.grad(loss(reference.as_the_library_groups_it), argnums)(*args)
   for got, want in zip(grads, expected):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
@@ -158,10 +141,10 @@ def test_linear_attention_in_bfloat16_is_close_to_float32():
   out = unet.linear_attention(*args16, d**-0.5)
   assert out.dtype == jnp.bfloat16
   # Rounding the output alone to bfloat16 costs ~2e-3 (8 mantissa bits).
-  assert rel(out, _linear_attention_as_the_library_groups_it(*args32, d**-0.5)) < 1e-2
+  assert rel(out, reference.as_the_library_groups_it(*args32, d**-0.5)) < 1e-2
   argnums = tuple(range(len(shapes)))
   grads = jax.grad(loss(unet.linear_attention), argnums)(*args16)
-  expected = jax.grad(loss(_linear_attention_as_the_library_groups_it), argnums)(*args32)
+  expected = jax.grad(loss(reference.as_the_library_groups_it), argnums)(*args32)
   for got, want in zip(grads, expected):
     assert got.dtype == jnp.bfloat16 and rel(got, want) < 2e-2
 
