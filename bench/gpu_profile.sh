@@ -3,13 +3,19 @@
 # 128x128, T=500), and its model-FLOPs utilisation at batch 256 in bfloat16.
 #
 # Needs JAX (CUDA), Flax, Optax and ml_collections; synthetic batches, no torch. Runs,
-# each under its own timeout, all within about 6 minutes on an H100:
-#   1. bench.train_step, bfloat16, batch 256: images/s and MFU;
-#   2. the same from the checkout in $BASELINE_DIR, when set (a copy of an older commit's
-#      eo_ddpm_jax/, bench/ and configs/), to measure a change on the same card;
-#   3. bench.profile of that step: time per XLA op kind and per GPU kernel, with the
-#      trace and the optimised HLO kept (to read op names against);
-#   4. bench.profile of the study's own step (batch 8, float32).
+# each under its own timeout, all within about 8 minutes on an H100:
+#   1. bench.train_step, bfloat16, batch 256: images/s and MFU, with the linear
+#      attention in XLA (the default) and in the fused Triton kernels
+#      (model.linear_attention_impl=triton);
+#   2. the Triton kernels' numbers on this GPU: the study's batch-8 step with them, and
+#      the U-Net output's distance from the float32 reference (--check_attention);
+#   3. the batch-256 step from the checkout in $BASELINE_DIR, when set (a copy of an
+#      older commit's eo_ddpm_jax/, bench/ and configs/), to measure a change on the
+#      same card;
+#   4. bench.profile of the batch-256 step with $PROFILE_LINEAR_ATTENTION (default
+#      triton; xla profiles the XLA version): time per XLA op kind and per GPU kernel, with the trace and the
+#      optimised HLO kept (to read op names against);
+#   5. bench.profile of the study's own step (batch 8, float32).
 # Tables go to $OUT/gpu_profile.md (else bench/gpu_profile/gpu_profile.md); traces and
 # HLO are packed into gpu_profile_traces.tgz beside it.
 #
@@ -33,9 +39,12 @@ CMD_TIMEOUT_S="${BENCH_CMD_TIMEOUT_S:-150}"
 export XLA_PYTHON_CLIENT_PREALLOCATE="${XLA_PYTHON_CLIENT_PREALLOCATE:-true}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION="${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}"
 
+# The fused linear attention: Triton kernels on the GPU; in the smoke run, the same
+# kernels interpreted (a CPU cannot run Triton).
+TRITON=triton
 if [[ "${BENCH_SMOKE:-0}" == "1" ]]; then
   MODEL=(--dim 16 --dim_mults 1,2 --image_size 32)
-  LARGE=4; SMALL=2
+  LARGE=4; SMALL=2; TRITON=triton_interpret
   TIMING=(--warmup_steps 1 --steps_per_repeat 2 --repeats 2)
 else
   MODEL=(--dim 64 --dim_mults 1,2,4 --image_size 128)
@@ -56,14 +65,23 @@ run() {
 
 run "train bfloat16 b$LARGE" . -m bench.train_step "${COMMON[@]}" "${TIMING[@]}" \
     --precision bfloat16 --batch "$LARGE" --results "$RESULTS"
+run "train bfloat16 b$LARGE, $TRITON linear attention" . -m bench.train_step \
+    "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" \
+    --linear_attention_impl "$TRITON" --results "$RESULTS"
+run "train bfloat16 b$SMALL, $TRITON linear attention, output check" . \
+    -m bench.train_step "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 \
+    --batch "$SMALL" --linear_attention_impl "$TRITON" --check_attention \
+    --results "$RESULTS"
 if [[ -n "${BASELINE_DIR:-}" ]]; then
   run "train bfloat16 b$LARGE, baseline" "$BASELINE_DIR" -m bench.train_step \
       "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" \
       --results "$RESULTS" --note "Baseline checkout: $BASELINE_DIR."
 fi
-run "profile bfloat16 b$LARGE" . -m bench.profile "${COMMON[@]}" --precision bfloat16 \
-    --batch "$LARGE" --calls 3 --top 30 --trace_dir "$WORK/trace_b$LARGE" \
-    --dump_hlo "$WORK/hlo_b$LARGE" --results "$RESULTS"
+PROFILE_LINEAR_ATTENTION="${PROFILE_LINEAR_ATTENTION:-$TRITON}"
+run "profile bfloat16 b$LARGE, $PROFILE_LINEAR_ATTENTION linear attention" . \
+    -m bench.profile "${COMMON[@]}" --precision bfloat16 \
+    --linear_attention_impl "$PROFILE_LINEAR_ATTENTION" --batch "$LARGE" --calls 3 \
+    --top 30 --trace_dir "$WORK/trace_b$LARGE" --dump_hlo "$WORK/hlo_b$LARGE" --results "$RESULTS"
 run "profile float32 b$SMALL" . -m bench.profile "${COMMON[@]}" --precision float32 \
     --batch "$SMALL" --calls 5 --top 20 --trace_dir "$WORK/trace_b$SMALL" \
     --results "$RESULTS"
