@@ -35,15 +35,18 @@ from bench import roofline
 from eo_ddpm_jax import train_step as train_lib
 
 # The GPUs' descriptions for XLA's compiler (public datasheet figures; XLA's GPU
-# target-config text format). Only the memory size and bandwidth differ between the two.
+# target-config text format). The H100 and H200 differ only in memory size and
+# bandwidth; the A100 (SXM, 80 GB) has fewer SMs and less shared memory per block,
+# which decides what Triton kernels fit.
 _TARGET_CONFIG = """
 gpu_device_info {{
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132
-  fpus_per_core: 128 block_dim_limit_x: 2147483647 block_dim_limit_y: 65535
-  block_dim_limit_z: 65535 memory_bandwidth: {bandwidth} l2_cache_size: 52428800
-  clock_rate_ghz: 1.98 device_memory_size: {memory} shared_memory_per_block_optin: 232448
-  cuda_compute_capability {{ major: 9 }}
+  shared_memory_per_core: {shared_per_core} threads_per_core_limit: 2048
+  core_count: {cores} fpus_per_core: {fpus} block_dim_limit_x: 2147483647
+  block_dim_limit_y: 65535 block_dim_limit_z: 65535 memory_bandwidth: {bandwidth}
+  l2_cache_size: {l2} clock_rate_ghz: {clock} device_memory_size: {memory}
+  shared_memory_per_block_optin: {shared_per_block}
+  cuda_compute_capability {{ major: {major} }}
   registers_per_core_limit: 65536 registers_per_block_limit: 65536
 }}
 platform_name: "CUDA"
@@ -51,9 +54,14 @@ dnn_version_info {{ major: 9 minor: 7 }}
 runtime_version {{ major: 12 minor: 8 patch: 0 }}
 device_description_str: "{name}"
 """
+_HOPPER = dict(major=9, cores=132, fpus=128, shared_per_core=233_472,
+               shared_per_block=232_448, l2=52_428_800, clock=1.98)
 CARDS = {
-    'H100': dict(name='NVIDIA H100 80GB HBM3', memory=84_929_347_584),
-    'H200': dict(name='NVIDIA H200', memory=150_754_820_096),
+    'H100': dict(_HOPPER, name='NVIDIA H100 80GB HBM3', memory=84_929_347_584),
+    'H200': dict(_HOPPER, name='NVIDIA H200', memory=150_754_820_096),
+    'A100': dict(major=8, cores=108, fpus=64, shared_per_core=167_936,
+                 shared_per_block=166_912, l2=41_943_040, clock=1.41,
+                 name='NVIDIA A100-SXM4-80GB', memory=85_899_345_920),
 }
 for _card, _facts in CARDS.items():
   _facts['bandwidth'] = int(common.HBM_BANDWIDTH_TBS[_card] * 1e12)  # bytes/s

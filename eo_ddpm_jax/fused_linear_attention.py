@@ -13,8 +13,8 @@ normed input y [B, N, C], each recomputing q or k from y in registers:
 3. `_apply_context`: softmax_d(y w_q) @ to_output, one program per image and chunk.
 
 Each has a hand-written backward that again recomputes q or k from y, so no [B, N,
-heads*d] tensor is ever stored. The kernels read y about four times and write y's
-gradient twice, against ~40 full-size reads and writes in the XLA version.
+heads*d] tensor is ever stored. One 128x128 layer at batch 256, forward and backward,
+moves 8.6 GB against 35.9 GB in XLA (compiled for an H100, bench/RESULTS.md).
 
 The numbers follow `unet.linear_attention`'s precision: q and k are rounded to y's dtype
 before their softmaxes, the exponentials and GEMM operands are in y's dtype, and the
@@ -22,8 +22,8 @@ statistics, sums and accumulators are float32. Where that version rounds the per
 sum exp(k)^T y to y's dtype once, this keeps it in float32.
 
 Shapes must suit Triton and the GPU's shared memory (`unsupported` says why not; the
-U-Net then uses `unet.linear_attention` for that layer). `interpret=True` runs the same kernels through Pallas'
-interpreter on any backend (the tests check them there against `unet.linear_attention`).
+U-Net then uses `unet.linear_attention` for that layer). `interpret=True` runs the same
+kernels through Pallas' interpreter on any backend (the tests check them there).
 """
 
 import functools
@@ -35,8 +35,10 @@ from jax.experimental.pallas import triton as plt
 
 # Positions per program (a grid step) and, at most, per loop step inside it. 1024
 # positions give 4096 programs at 128x128 and batch 256 (the H100 has 132 SMs). Loop
-# steps hold BLOCK_ELEMENTS // channels rows: 64 rows of 64 channels, 32 of 128; 64 rows
-# of 128 channels ask the H100 for 248 KiB of shared memory (it has 227).
+# steps hold BLOCK_ELEMENTS // channels rows (half that in the heaviest kernel, the
+# softmax_d(q) backward): compiled for an H100 and an A100 (bench/gpu_compile.py), 64
+# rows of 128 channels asked for 248 KiB of shared memory (the H100 has 227 per block),
+# and that backward at 32 rows for 168 KiB (the A100 has 163).
 CHUNK = 1024
 BLOCK = 64
 BLOCK_ELEMENTS = 4096
@@ -71,14 +73,12 @@ def unsupported(n: int, c: int, heads: int, d: int) -> str:
   """Why these kernels cannot run a layer of n positions, c channels in and out and
   heads x d, or '' when they can.
 
-  Triton wants powers of two from 16; wider layers than MAX_CHANNELS ask an H100 for
+  Triton wants powers of two from 16; layers wider than MAX_CHANNELS ask an H100 for
   more shared memory than it has (found by compiling for it, bench/gpu_compile.py).
   """
-  for name, value, top in (('channels', c, MAX_CHANNELS), ('heads * dim_head', heads * d,
-                                                           MAX_CHANNELS),
-                           ('dim_head', d, MAX_CHANNELS)):
-    if value < 16 or value & (value - 1) or value > top:
-      return f'{name}={value} is not a power of two from 16 to {top}'
+  for name, value in (('channels', c), ('heads * dim_head', heads * d), ('dim_head', d)):
+    if value < 16 or value & (value - 1) or value > MAX_CHANNELS:
+      return f'{name}={value} is not a power of two from 16 to {MAX_CHANNELS}'
   if n % min(CHUNK, n) or n % BLOCK:
     return f'{n} positions are not a multiple of {BLOCK}'
   return ''
@@ -112,9 +112,19 @@ def _call(kernel, out_shape, grid, in_specs, out_specs, interpret, num_warps=4):
       interpret=interpret, compiler_params=plt.CompilerParams(num_warps=num_warps))
 
 
+def _rows(chunk, width):
+  """BlockSpec of one image's chunk of positions of an array [B, N, width]."""
+  return pl.BlockSpec((None, chunk, width), lambda b, s: (b, s, 0))
+
+
 def _per_image_chunk(shape):
   """BlockSpec of one image's chunk of an array [B, S, *shape] (its own output slot)."""
   return pl.BlockSpec((None, None) + shape, lambda b, s: (b, s) + (0,) * len(shape))
+
+
+def _per_image(shape):
+  """BlockSpec of one image's whole entry of an array [B, *shape]."""
+  return pl.BlockSpec((None,) + shape, lambda b, s: (b,) + (0,) * len(shape))
 
 
 def _whole(shape):
@@ -193,7 +203,7 @@ def _key_statistics_fwd(y, w_k, chunk, interpret):
                  jax.ShapeDtypeStruct((b, chunks, hidden), f32),
                  jax.ShapeDtypeStruct((b, chunks, hidden, c), f32)),
       grid=(b, chunks),
-      in_specs=[pl.BlockSpec((None, chunk, c), lambda i, s: (i, s, 0)), _whole((c, hidden))],
+      in_specs=[_rows(chunk, c), _whole((c, hidden))],
       out_specs=(_per_image_chunk((hidden,)), _per_image_chunk((hidden,)),
                  _per_image_chunk((hidden, c))),
       interpret=interpret)(y, w_k)
@@ -211,10 +221,10 @@ def _key_statistics_bwd(chunk, interpret, residuals, cotangents):
       out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype),
                  jax.ShapeDtypeStruct((b, chunks, c, hidden), jnp.float32)),
       grid=(b, chunks),
-      in_specs=[pl.BlockSpec((None, chunk, c), lambda i, s: (i, s, 0)), _whole((c, hidden)),
+      in_specs=[_rows(chunk, c), _whole((c, hidden)),
                 _per_image_chunk((hidden,)), _per_image_chunk((hidden,)),
                 _per_image_chunk((hidden, c))],
-      out_specs=(pl.BlockSpec((None, chunk, c), lambda i, s: (i, s, 0)),
+      out_specs=(_rows(chunk, c),
                  _per_image_chunk((c, hidden))),
       interpret=interpret, num_warps=8)(y, w_k, k_max, d_sum, d_weighted)
   return dy, d_w_k.sum(axis=(0, 1)).astype(w_k.dtype)
@@ -294,9 +304,9 @@ def _apply_context_fwd(y, w_q, to_output, dim_head, chunk, interpret):
       functools.partial(_apply_context_kernel, block=block, dim_head=dim_head),
       out_shape=jax.ShapeDtypeStruct((b, n, f), y.dtype),
       grid=(b, chunks),
-      in_specs=[pl.BlockSpec((None, chunk, c), lambda i, s: (i, s, 0)), _whole((c, hidden)),
-                pl.BlockSpec((None, hidden, f), lambda i, s: (i, 0, 0))],
-      out_specs=pl.BlockSpec((None, chunk, f), lambda i, s: (i, s, 0)),
+      in_specs=[_rows(chunk, c), _whole((c, hidden)),
+                _per_image((hidden, f))],
+      out_specs=_rows(chunk, f),
       interpret=interpret)(y, w_q, to_output)
   return out, (y, w_q, to_output)
 
@@ -305,17 +315,17 @@ def _apply_context_bwd(dim_head, chunk, interpret, residuals, d_out):
   y, w_q, to_output = residuals
   b, n, c = y.shape
   hidden, f = to_output.shape[1:]
-  chunk, block, chunks = _layout(n, chunk, max(c, f))
+  chunk, block, chunks = _layout(n, chunk, 2 * max(c, f))  # Half the rows (see BLOCK).
   dy, d_w_q, d_to_output = _call(
       functools.partial(_apply_context_grad_kernel, block=block, dim_head=dim_head),
       out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype),
                  jax.ShapeDtypeStruct((b, chunks, c, hidden), jnp.float32),
                  jax.ShapeDtypeStruct((b, chunks, hidden, f), jnp.float32)),
       grid=(b, chunks),
-      in_specs=[pl.BlockSpec((None, chunk, c), lambda i, s: (i, s, 0)), _whole((c, hidden)),
-                pl.BlockSpec((None, hidden, f), lambda i, s: (i, 0, 0)),
-                pl.BlockSpec((None, chunk, f), lambda i, s: (i, s, 0))],
-      out_specs=(pl.BlockSpec((None, chunk, c), lambda i, s: (i, s, 0)),
+      in_specs=[_rows(chunk, c), _whole((c, hidden)),
+                _per_image((hidden, f)),
+                _rows(chunk, f)],
+      out_specs=(_rows(chunk, c),
                  _per_image_chunk((c, hidden)), _per_image_chunk((hidden, f))),
       interpret=interpret, num_warps=8)(y, w_q, to_output, d_out.astype(y.dtype))
   return (dy, d_w_q.sum(axis=(0, 1)).astype(w_q.dtype),
