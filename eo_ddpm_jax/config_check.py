@@ -60,10 +60,12 @@ def check_model_and_diffusion(config: ml_collections.ConfigDict) -> None:
     _require(m.dtype == 'bfloat16' and backend == 'gpu',
              f'model.attention_impl=\'cudnn\' needs an NVIDIA GPU and model.dtype=bfloat16 '
              f'(here: {backend}, {m.dtype}); use auto or einsum.')
-  _require(m.linear_attention_impl in unet.LINEAR_ATTENTION_IMPLS,
-           f'model.linear_attention_impl={m.linear_attention_impl!r} is unknown; valid '
+  # Config files written before the key existed (torch import's config.py) mean xla.
+  linear_impl = m.get('linear_attention_impl', 'xla')
+  _require(linear_impl in unet.LINEAR_ATTENTION_IMPLS,
+           f'model.linear_attention_impl={linear_impl!r} is unknown; valid '
            f'values: {", ".join(unet.LINEAR_ATTENTION_IMPLS)}.')
-  if m.linear_attention_impl == 'triton':
+  if linear_impl == 'triton':
     backend = jax.default_backend()
     _require(backend == 'gpu' and m.dtype in ('bfloat16', 'float32'),
              f'model.linear_attention_impl=\'triton\' needs an NVIDIA GPU and model.dtype '

@@ -320,6 +320,7 @@ def create_model(model_config: ml_collections.ConfigDict) -> flax.linen.Module:
       full_attn=tuple(model_config.full_attn) or None,
       self_condition=model_config.self_condition,
       attention_impl=attention_impl(model_config.attention_impl, model_config.dtype),
-      linear_attention_impl=model_config.linear_attention_impl,
+      # Absent from config files written before it existed (see config_check).
+      linear_attention_impl=model_config.get('linear_attention_impl', 'xla'),
       dtype=model_dtype(model_config.dtype))
 

@@ -115,6 +115,15 @@ def test_linear_attention_impl_errors_name_key_and_fix(impl, pattern):
     config_check.check_config(config, num_devices=1, need_data=False)
 
 
+def test_configs_without_linear_attention_impl_use_xla():
+  """Config files written before the key existed (torch import's config.py) still
+  check and build the model, with the XLA linear attention."""
+  config = default.get_config()
+  del config.model['linear_attention_impl']
+  config_check.check_config(config, num_devices=1, need_data=False)
+  assert train_step.create_model(config.model).linear_attention_impl == 'xla'
+
+
 @pytest.mark.parametrize('name, dtype, backend, expected', [
     ('auto', 'bfloat16', 'gpu', 'cudnn'),
     ('auto', 'float32', 'gpu', 'einsum'),  # cuDNN's fused kernel is 16-bit only.
