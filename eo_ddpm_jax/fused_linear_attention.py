@@ -167,6 +167,9 @@ def _key_statistics_grad_kernel(y_ref, w_k_ref, max_ref, d_sum_ref, d_weighted_r
   k_max, d_sum = max_ref[...], d_sum_ref[...]
   d_weighted = d_weighted_ref[...].astype(dtype)          # [hidden, C]
 
+  # With e = exp(k - max): sum = sum_n e_n and weighted = sum_n e_n^T y_n, so
+  # de = d_sum + y d_weighted^T and dk = e * de; y gets d_weighted's share through
+  # e^T y and dk's through k = y w_k.
   def step(i, d_w_k):
     rows = pl.ds(i * block, block)
     y = y_ref[rows, :]
