@@ -194,6 +194,54 @@ def test_rmsnorm_matches_normalize():
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_one_pass_group_statistics_keep_the_variance_under_a_large_mean():
+  """float32 activations with mean 1e4 and spread 1 within each channel, 5 between
+  channels (a naive one-pass variance, E[x^2] - E[x]^2, would lose it in float32): mean
+  and variance per group equal float64's two passes within the float32 rounding of
+  means near 1e4 (~1e-3 absolute, so 3e-4 relative on variances ~10)."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((2, 8, 8, 32)) + 1e4 + 5 * rng.standard_normal((1, 1, 1, 32))
+  mean, variance = unet.group_statistics_in_one_pass(jnp.asarray(x, jnp.float32), 8)
+  x = np.asarray(jnp.asarray(x, jnp.float32), np.float64).reshape(2, 64, 8, 4)
+  want_mean = x.mean(axis=(1, 3))                                  # [B, groups]
+  want_variance = x.var(axis=(1, 3))
+  per_channel = lambda v: np.repeat(v, 4, axis=1).reshape(2, 1, 1, 32)
+  np.testing.assert_allclose(mean, per_channel(want_mean), rtol=1e-7)
+  np.testing.assert_allclose(variance, per_channel(want_variance), rtol=1e-3)
+
+
+@pytest.mark.parametrize('offset', [0.0, 1000.0])
+def test_group_norm_in_bfloat16_is_within_its_rounding_of_float64(x64, offset):
+  """bfloat16 GroupNorm (statistics in one pass about a per-channel shift) against
+  float64's two passes on the same rounded input: values and gradients within bfloat16
+  rounding, also when the activations' mean (1000) dwarfs their spread (3), where
+  unshifted float32 sums of squares would lose the variance."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 8, 8, 32)) * 3 + offset + rng.standard_normal((1, 1, 1, 32))
+  x = jnp.asarray(x, jnp.bfloat16)
+  scale_shift = tuple(jnp.asarray(rng.standard_normal((2, 1, 1, 32)) * 0.3)
+                      for _ in range(2))
+  weights = jnp.asarray(rng.standard_normal((2, 8, 8, 32)))
+
+  def value_and_grads(dtype):
+    norm = unet.GroupNorm(8, dtype=dtype)
+    params = norm.init(jax.random.key(0), x.astype(dtype), scale_shift)
+    loss = lambda p, x: jnp.sum(norm.apply(p, x, scale_shift).astype(jnp.float64) * weights)
+    return (norm.apply(params, x.astype(dtype), scale_shift),
+            jax.grad(loss, argnums=(0, 1))(params, x.astype(dtype)))
+
+  def rel(got, want):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return np.linalg.norm(got - want) / np.linalg.norm(want)
+
+  out, grads = value_and_grads(jnp.bfloat16)
+  want_out, want_grads = value_and_grads(jnp.float64)
+  assert out.dtype == jnp.bfloat16
+  assert rel(out, want_out) < 5e-3  # bfloat16 keeps 8 mantissa bits (~2e-3).
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    assert rel(got, want) < 5e-3
+
+
 def test_group_norm_with_modulation_matches_torch(x64):
   """unet.GroupNorm(x, (scale, shift)) equals torch's GroupNorm then x * (scale + 1) +
   shift, in values and gradients; a mean of 300 checks the two-pass variance."""
