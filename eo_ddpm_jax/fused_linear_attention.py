@@ -338,6 +338,28 @@ def _apply_context_bwd(dim_head, chunk, interpret, residuals, d_out):
 _apply_context.defvjp(_apply_context_fwd, _apply_context_bwd)
 
 
+def context_to_output(keys_by_input, exp_mem_k, normaliser, w_v, mem_v, w_out, scale):
+  """Each image's map from softmax_d(q) to the output: scale * context[h] @ w_out[h],
+  with context[h] = (sum_n exp(k - max)^T y) w_v[h] plus the memory slots' term, over
+  the normaliser. Shared by `unet.linear_attention` and the kernels (all small).
+
+  Args:
+    keys_by_input: [B, heads * d, C], sum over positions of exp(k - max)^T y.
+    exp_mem_k: [B, M, heads, d], exp(memory keys - max).
+    normaliser: [B, heads, d], the keys' softmax denominators.
+    w_v: [C, heads, d]; mem_v: [M, heads, d]; w_out: [heads, d, F].
+    scale: d ** -0.5.
+
+  Returns:
+    [B, heads, d, F].
+  """
+  b, heads, d = normaliser.shape
+  context = (jnp.einsum('bhdc,che->bhde', keys_by_input.reshape(b, heads, d, -1), w_v)
+             + jnp.einsum('bmhd,mhe->bhde', exp_mem_k, mem_v))   # [B, heads, d, e]
+  context = context * (scale / normaliser)[..., None]
+  return jnp.einsum('bhde,hef->bhdf', context, w_out)
+
+
 def fused_linear_attention(y: jax.Array, w_q: jax.Array, w_k: jax.Array, w_v: jax.Array,
                            w_out: jax.Array, mem_kv: jax.Array, scale: float, *,
                            chunk: int | None = None, interpret: bool = False) -> jax.Array:
@@ -382,11 +404,9 @@ def fused_linear_attention(y: jax.Array, w_q: jax.Array, w_k: jax.Array, w_v: ja
   normaliser = (jnp.sum(chunk_sum * rescale, axis=1).reshape(b, heads, d)
                 + jnp.sum(exp_mem_k, axis=1))
   keys_by_input = jnp.sum(chunk_weighted * rescale[..., None], axis=1)       # [B, hidden, C]
-  context = (jnp.einsum('bhdc,che->bhde', keys_by_input.reshape(b, heads, d, c),
-                        w_v.astype(jnp.float32))
-             + jnp.einsum('bmhd,mhe->bhde', exp_mem_k, mem_v))
-  context = context * (scale / normaliser)[..., None]
-  to_output = jnp.einsum('bhde,hef->bhdf', context, w_out.astype(jnp.float32))
+  to_output = context_to_output(keys_by_input, exp_mem_k, normaliser,
+                                w_v.astype(jnp.float32), mem_v, w_out.astype(jnp.float32),
+                                scale)
   apply_context = functools.partial(_apply_context, dim_head=d, chunk=chunk,
                                     interpret=interpret)
   return _per_batch_shard(apply_context, (True, False, True))(

@@ -355,11 +355,9 @@ def linear_attention(q: jax.Array, k: jax.Array, y: jax.Array, w_v: jax.Array,
   # result instead would make the backward multiply y by a float32 cotangent.
   keys_by_input = jnp.einsum('bnk,bnc->bkc', exp_k.astype(dtype).reshape(b, n, heads * d),
                              y).astype(stat_dtype)
-  context = (jnp.einsum('bhdc,che->bhde', keys_by_input.reshape(b, heads, d, -1),
-                        w_v.astype(stat_dtype))
-             + jnp.einsum('bmhd,mhe->bhde', exp_mem_k, mem_v))   # [B, heads, d, e]
-  context = context * (scale / normaliser)[..., None]
-  to_output = jnp.einsum('bhde,hef->bhdf', context, w_out.astype(stat_dtype))
+  to_output = fused_lib.context_to_output(keys_by_input, exp_mem_k, normaliser,
+                                         w_v.astype(stat_dtype), mem_v,
+                                         w_out.astype(stat_dtype), scale)
   probs = jax.nn.softmax(q.astype(stat_dtype), axis=-1).astype(dtype)
   return jnp.einsum('bnk,bkf->bnf', probs.reshape(b, n, heads * d),
                     to_output.reshape(b, heads * d, -1).astype(dtype))
