@@ -80,6 +80,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--linear_attention_impl', default='xla',
                       choices=('xla', 'triton', 'triton_interpret'),
                       help='JAX linear attention kernels (model.linear_attention_impl).')
+  parser.add_argument('--linear_attention_tilings', default='',
+                      help='With the Triton kernels: NAME=ELEMENTS/WARPS/STAGES,... to '
+                           'replace fused_linear_attention.TILINGS entries (as written by '
+                           'bench/linear_attention_kernels.py --best_to).')
   parser.add_argument('--timesteps', type=int, default=500, help='Diffusion steps T.')
   parser.add_argument('--schedule', default='sigmoid', help='Beta schedule name.')
   parser.add_argument('--objective', default='pred_noise')
@@ -119,6 +123,7 @@ def study_config(args: argparse.Namespace, batch_size: int):
   config.model.dtype = args.precision
   config.model.attention_impl = args.attention_impl
   config.model.linear_attention_impl = args.linear_attention_impl
+  set_linear_attention_tilings(args.linear_attention_tilings)
   config.data.image_size = args.image_size
   config.diffusion.timesteps = args.timesteps
   config.diffusion.schedule = args.schedule
@@ -126,6 +131,19 @@ def study_config(args: argparse.Namespace, batch_size: int):
   config.train.batch_size = batch_size
   config.seed = args.seed
   return config
+
+
+def set_linear_attention_tilings(text: str) -> None:
+  """Replaces fused_linear_attention.TILINGS entries from 'NAME=ELEMENTS/WARPS/STAGES,...'
+  (STAGES 0: Triton's default); '' keeps the defaults. For this process's benchmark only."""
+  from eo_ddpm_jax import fused_linear_attention as fused  # pylint: disable=g-import-not-at-top
+  for item in filter(None, text.split(',')):
+    name, _, value = item.partition('=')
+    if name not in fused.TILINGS:
+      raise SystemExit(f'--linear_attention_tilings: unknown kernel {name!r}; one of '
+                       f'{sorted(fused.TILINGS)}.')
+    elements, warps, stages = (int(v) for v in value.split('/'))
+    fused.TILINGS[name] = fused.Tiling(elements, warps, stages or None)
 
 
 def make_schedule(diffusion_config, timesteps: int | None = None):

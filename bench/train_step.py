@@ -307,7 +307,9 @@ def main(argv):
       'step = block time / steps'
       + ('; JAX and torch blocks alternate.' if torch_result and interleave else '.'),
       f'JAX full attention: {train_lib.attention_impl(args.attention_impl, args.precision)}'
-      f'; linear attention: {args.linear_attention_impl}.',
+      f'; linear attention: {args.linear_attention_impl}'
+      + (f' (tilings {args.linear_attention_tilings})'
+         if args.linear_attention_tilings else '') + '.',
       'FLOP/step: XLA cost analysis of the un-optimised step lowered for the CPU (JAX; '
       'counts the convolutions the GPU program hides in cuDNN calls); '
       'torch.utils.flop_counter over one step (torch). MFU: against '

@@ -26,23 +26,45 @@ U-Net then uses `unet.linear_attention` for that layer). `interpret=True` runs t
 kernels through Pallas' interpreter on any backend (the tests check them there).
 """
 
+import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-# Positions per program (a grid step) and, at most, per loop step inside it. 1024
-# positions give 4096 programs at 128x128 and batch 256 (the H100 has 132 SMs). Loop
-# steps hold BLOCK_ELEMENTS // channels rows (half that in the heaviest kernel, the
-# softmax_d(q) backward): compiled for an H100 and an A100 (bench/gpu_compile.py), 64
-# rows of 128 channels asked for 248 KiB of shared memory (the H100 has 227 per block),
-# and that backward at 32 rows for 168 KiB (the A100 has 163).
+# Positions per program (a grid step): 1024 give 4096 programs at 128x128 and batch 256
+# (the H100 and H200 have 132 SMs).
 CHUNK = 1024
-BLOCK = 64
-BLOCK_ELEMENTS = 4096
 MAX_CHANNELS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """How one kernel walks its chunk of positions.
+
+  block_elements: rows per loop step times the layer's width (the wider of input and
+    output), so wider layers take fewer rows (at most the chunk). Shared memory bounds
+    it: compiled for an H100 (bench/gpu_compile.py), 64 rows of 128 channels asked for
+    248 KiB (it has 227 per block); for an A100, the softmax_d(q) backward at 32 rows
+    of 128 channels asked for 168 KiB (it has 163).
+  num_warps: Triton warps per program.
+  num_stages: Triton's software-pipelining stages for the loop (None: its default).
+  """
+  block_elements: int
+  num_warps: int
+  num_stages: int | None = None
+
+
+# Per kernel; bench/linear_attention_kernels.py times the alternatives on a GPU.
+TILINGS = {
+    'key_statistics': Tiling(4096, 4),
+    'key_statistics_grad': Tiling(4096, 8),
+    'apply_context': Tiling(4096, 4),
+    'apply_context_grad': Tiling(2048, 8),
+}
 # The mesh axis that splits the batch (train_step.make_mesh's).
 BATCH_AXIS = 'data'
 
@@ -58,14 +80,15 @@ def _round(x, dtype):
   return x.astype(dtype).astype(jnp.float32)
 
 
-def _layout(n: int, chunk: int | None, width: int):
-  """(chunk, block, number of chunks) for n positions of `width` channels (the wider of
-  input and output)."""
+def _layout(n: int, chunk: int | None, width: int, tiling: Tiling):
+  """(chunk, rows per loop step, number of chunks) for n positions of `width` channels
+  (the wider of input and output)."""
   chunk = min(chunk or CHUNK, n)
-  block = min(BLOCK, chunk, BLOCK_ELEMENTS // width)
-  if n % chunk or chunk % block:
+  # gcd: the rows must split the chunk (powers of two here, see `unsupported`).
+  block = math.gcd(chunk, max(16, tiling.block_elements // width))
+  if n % chunk or block < 16:
     raise ValueError(f'fused linear attention: {n} positions do not split into chunks of '
-                     f'{chunk} and blocks of {block}.')
+                     f'{chunk} and loop steps of 16 rows or more.')
   return chunk, block, n // chunk
 
 
@@ -79,8 +102,8 @@ def unsupported(n: int, c: int, heads: int, d: int) -> str:
   for name, value in (('channels', c), ('heads * dim_head', heads * d), ('dim_head', d)):
     if value < 16 or value & (value - 1) or value > MAX_CHANNELS:
       return f'{name}={value} is not a power of two from 16 to {MAX_CHANNELS}'
-  if n % min(CHUNK, n) or n % BLOCK:
-    return f'{n} positions are not a multiple of {BLOCK}'
+  if n % min(CHUNK, n) or n % 64:
+    return f'{n} positions are not a multiple of 64'
   return ''
 
 
@@ -106,10 +129,11 @@ def _per_batch_shard(fn, batched_inputs):
                                       for b in batched_inputs))
 
 
-def _call(kernel, out_shape, grid, in_specs, out_specs, interpret, num_warps=4):
+def _call(kernel, out_shape, grid, in_specs, out_specs, interpret, tiling: Tiling):
+  params = plt.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
   return pl.pallas_call(
       kernel, out_shape=out_shape, grid=grid, in_specs=in_specs, out_specs=out_specs,
-      interpret=interpret, compiler_params=plt.CompilerParams(num_warps=num_warps))
+      interpret=interpret, compiler_params=params)
 
 
 def _rows(chunk, width):
@@ -198,7 +222,8 @@ def _key_statistics(y, w_k, chunk, interpret):
 def _key_statistics_fwd(y, w_k, chunk, interpret):
   b, n, c = y.shape
   hidden = w_k.shape[1]
-  chunk, block, chunks = _layout(n, chunk, c)
+  tiling = TILINGS['key_statistics']
+  chunk, block, chunks = _layout(n, chunk, c, tiling)
   f32 = jnp.float32
   outputs = _call(
       functools.partial(_key_statistics_kernel, block=block),
@@ -209,7 +234,7 @@ def _key_statistics_fwd(y, w_k, chunk, interpret):
       in_specs=[_rows(chunk, c), _whole((c, hidden))],
       out_specs=(_per_image_chunk((hidden,)), _per_image_chunk((hidden,)),
                  _per_image_chunk((hidden, c))),
-      interpret=interpret)(y, w_k)
+      interpret=interpret, tiling=tiling)(y, w_k)
   return outputs, (y, w_k, outputs[0])
 
 
@@ -218,7 +243,8 @@ def _key_statistics_bwd(chunk, interpret, residuals, cotangents):
   _, d_sum, d_weighted = cotangents  # The maxima's cotangent is ignored (see above).
   b, n, c = y.shape
   hidden = w_k.shape[1]
-  chunk, block, chunks = _layout(n, chunk, c)
+  tiling = TILINGS['key_statistics_grad']
+  chunk, block, chunks = _layout(n, chunk, c, tiling)
   dy, d_w_k = _call(
       functools.partial(_key_statistics_grad_kernel, block=block),
       out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype),
@@ -229,7 +255,7 @@ def _key_statistics_bwd(chunk, interpret, residuals, cotangents):
                 _per_image_chunk((hidden, c))],
       out_specs=(_rows(chunk, c),
                  _per_image_chunk((c, hidden))),
-      interpret=interpret, num_warps=8)(y, w_k, k_max, d_sum, d_weighted)
+      interpret=interpret, tiling=tiling)(y, w_k, k_max, d_sum, d_weighted)
   return dy, d_w_k.sum(axis=(0, 1)).astype(w_k.dtype)
 
 
@@ -238,20 +264,39 @@ _key_statistics.defvjp(_key_statistics_fwd, _key_statistics_bwd)
 
 # --- Pass 2: each position's softmax_d(q) applied to its image's context. -------------
 
+def _per_head(x, reduce, dim_head):
+  """Each row's `reduce` (jnp.max or jnp.sum) over each head's dim_head columns of x
+  [rows, heads * d], broadcast back over that head's columns.
+
+  Masks instead of a [rows, heads, d] reshape, which Triton cannot lay out: the heads are
+  few (4 in the study), and each pass is elementwise over the block.
+  """
+  head = jax.lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1) // dim_head
+  fill = -jnp.inf if reduce is jnp.max else 0.0
+  result = jnp.zeros_like(x)
+  for h in range(x.shape[1] // dim_head):
+    in_head = head == h
+    value = reduce(jnp.where(in_head, x, fill), axis=1, keepdims=True)
+    result = jnp.where(in_head, value, result)
+  return result
+
+
+def _softmax_per_head(q, dim_head):
+  """softmax over each head's dim_head columns of q [rows, heads * d], float32."""
+  exp_q = jnp.exp(q - _per_head(q, jnp.max, dim_head))
+  return exp_q / _per_head(exp_q, jnp.sum, dim_head)
+
+
 def _apply_context_kernel(y_ref, w_q_ref, to_output_ref, out_ref, *, block, dim_head):
-  """One image's chunk: out = sum over heads of softmax_d(y w_q[h]) @ to_output[h]."""
+  """One image's chunk: out = softmax_d(y w_q) @ to_output, all heads in one GEMM (the
+  heads' rows of to_output are stacked, so the sum over heads is the product's)."""
   dtype = y_ref.dtype
-  heads = w_q_ref.shape[1] // dim_head
+  w_q, to_output = w_q_ref[...], to_output_ref[...]
 
   def step(i, _):
     rows = pl.ds(i * block, block)
-    y = y_ref[rows, :]
-    out = jnp.zeros((block, out_ref.shape[1]), jnp.float32)
-    for h in range(heads):
-      cols = slice(h * dim_head, (h + 1) * dim_head)
-      probs = jax.nn.softmax(_round(_dot(y, w_q_ref[:, cols]), dtype), axis=-1)
-      out += _dot(probs.astype(dtype), to_output_ref[cols, :])
-    out_ref[rows, :] = out.astype(dtype)
+    probs = _softmax_per_head(_round(_dot(y_ref[rows, :], w_q), dtype), dim_head)
+    out_ref[rows, :] = _dot(probs.astype(dtype), to_output).astype(dtype)
     return 0
 
   jax.lax.fori_loop(0, y_ref.shape[0] // block, step, 0)
@@ -262,34 +307,26 @@ def _apply_context_grad_kernel(y_ref, w_q_ref, to_output_ref, d_out_ref,
   """The gradient of `_apply_context_kernel`: dy for the chunk, d w_q and d to_output
   partials."""
   dtype = y_ref.dtype
-  heads = w_q_ref.shape[1] // dim_head
-  head_cols = [slice(h * dim_head, (h + 1) * dim_head) for h in range(heads)]
+  w_q, to_output = w_q_ref[...], to_output_ref[...]
 
   def step(i, carry):
     d_w_q, d_to_output = carry
     rows = pl.ds(i * block, block)
     y, d_out = y_ref[rows, :], d_out_ref[rows, :]
-    dy = jnp.zeros(y.shape, jnp.float32)
-    new_d_w_q, new_d_to_output = [], []
-    for h, cols in enumerate(head_cols):
-      w_q, to_output = w_q_ref[:, cols], to_output_ref[cols, :]
-      probs = jax.nn.softmax(_round(_dot(y, w_q), dtype), axis=-1)   # [block, d]
-      new_d_to_output.append(d_to_output[h] + _dot(probs.astype(dtype), d_out, (0, 0)))
-      d_probs = _dot(d_out, to_output, (1, 1))
-      d_q = probs * (d_probs - jnp.sum(probs * d_probs, axis=-1, keepdims=True))
-      d_q = d_q.astype(dtype)
-      dy += _dot(d_q, w_q, (1, 1))
-      new_d_w_q.append(d_w_q[h] + _dot(y, d_q, (0, 0)))
-    dy_ref[rows, :] = dy.astype(dtype)
-    return tuple(new_d_w_q), tuple(new_d_to_output)
+    probs = _softmax_per_head(_round(_dot(y, w_q), dtype), dim_head)   # [block, hidden]
+    d_probs = _dot(d_out, to_output, (1, 1))
+    # softmax's backward, per head: d_q = p * (d_p - sum_head(p * d_p)).
+    d_q = probs * (d_probs - _per_head(probs * d_probs, jnp.sum, dim_head))
+    d_q = d_q.astype(dtype)
+    dy_ref[rows, :] = _dot(d_q, w_q, (1, 1)).astype(dtype)
+    return (d_w_q + _dot(y, d_q, (0, 0)),
+            d_to_output + _dot(probs.astype(dtype), d_out, (0, 0)))
 
-  c, f = y_ref.shape[1], d_out_ref.shape[1]
-  init = (tuple(jnp.zeros((c, dim_head), jnp.float32) for _ in head_cols),
-          tuple(jnp.zeros((dim_head, f), jnp.float32) for _ in head_cols))
+  init = (jnp.zeros(d_w_q_ref.shape, jnp.float32),
+          jnp.zeros(d_to_output_ref.shape, jnp.float32))
   d_w_q, d_to_output = jax.lax.fori_loop(0, y_ref.shape[0] // block, step, init)
-  for h, cols in enumerate(head_cols):
-    d_w_q_ref[:, cols] = d_w_q[h]
-    d_to_output_ref[cols, :] = d_to_output[h]
+  d_w_q_ref[...] = d_w_q
+  d_to_output_ref[...] = d_to_output
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -302,7 +339,8 @@ def _apply_context(y, w_q, to_output, dim_head, chunk, interpret):
 def _apply_context_fwd(y, w_q, to_output, dim_head, chunk, interpret):
   b, n, c = y.shape
   hidden, f = to_output.shape[1:]
-  chunk, block, chunks = _layout(n, chunk, max(c, f))
+  tiling = TILINGS['apply_context']
+  chunk, block, chunks = _layout(n, chunk, max(c, f), tiling)
   out = _call(
       functools.partial(_apply_context_kernel, block=block, dim_head=dim_head),
       out_shape=jax.ShapeDtypeStruct((b, n, f), y.dtype),
@@ -310,7 +348,7 @@ def _apply_context_fwd(y, w_q, to_output, dim_head, chunk, interpret):
       in_specs=[_rows(chunk, c), _whole((c, hidden)),
                 _per_image((hidden, f))],
       out_specs=_rows(chunk, f),
-      interpret=interpret)(y, w_q, to_output)
+      interpret=interpret, tiling=tiling)(y, w_q, to_output)
   return out, (y, w_q, to_output)
 
 
@@ -318,7 +356,8 @@ def _apply_context_bwd(dim_head, chunk, interpret, residuals, d_out):
   y, w_q, to_output = residuals
   b, n, c = y.shape
   hidden, f = to_output.shape[1:]
-  chunk, block, chunks = _layout(n, chunk, 2 * max(c, f))  # Half the rows (see BLOCK).
+  tiling = TILINGS['apply_context_grad']
+  chunk, block, chunks = _layout(n, chunk, max(c, f), tiling)
   dy, d_w_q, d_to_output = _call(
       functools.partial(_apply_context_grad_kernel, block=block, dim_head=dim_head),
       out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype),
@@ -330,7 +369,7 @@ def _apply_context_bwd(dim_head, chunk, interpret, residuals, d_out):
                 _rows(chunk, f)],
       out_specs=(_rows(chunk, c),
                  _per_image_chunk((c, hidden)), _per_image_chunk((hidden, f))),
-      interpret=interpret, num_warps=8)(y, w_q, to_output, d_out.astype(y.dtype))
+      interpret=interpret, tiling=tiling)(y, w_q, to_output, d_out.astype(y.dtype))
   return (dy, d_w_q.sum(axis=(0, 1)).astype(w_q.dtype),
           d_to_output.sum(axis=1).astype(to_output.dtype))
 
