@@ -77,9 +77,10 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                            'bfloat16 runs the forward under torch.autocast(bfloat16).')
   parser.add_argument('--attention_impl', choices=('auto', 'einsum', 'cudnn'),
                       default='auto', help='JAX full attention kernel (model.attention_impl).')
-  parser.add_argument('--linear_attention_impl', default='xla',
-                      choices=('xla', 'triton', 'triton_interpret'),
-                      help='JAX linear attention kernels (model.linear_attention_impl).')
+  parser.add_argument('--linear_attention_impl', default='auto',
+                      choices=('auto', 'xla', 'triton', 'triton_interpret'),
+                      help='JAX linear attention kernels (model.linear_attention_impl; '
+                           'auto: triton for bfloat16 on a GPU, else xla).')
   parser.add_argument('--linear_attention_tilings', default='',
                       help='With the Triton kernels: NAME=ELEMENTS/WARPS/STAGES,... to '
                            'replace fused_linear_attention.TILINGS entries (as written by '

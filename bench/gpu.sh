@@ -13,7 +13,7 @@
 # One failure does not stop the rest. Tables go to $OUT/gpu_results.md when OUT is set,
 # else bench/gpu_results.md, and are echoed at the end. BENCH_ONLY="key ..." runs only
 # those benchmarks (keys: train_f32_b8 train_bf16_b8 sample_bf16 sample_f32
-# train_bf16_b64 train_bf16_b256 train_bf16_b256_triton), in this order.
+# train_bf16_b64 train_bf16_b256 train_bf16_b256_xla), in this order.
 #
 #   bash bench/gpu_prepare.sh                  # first, where pip reaches PyPI (.gpu/)
 #   bash bench/gpu.sh                          # on the GPU machine
@@ -85,14 +85,15 @@ run train_bf16_b64 "train bfloat16 b${LARGE_BATCHES[0]}" -m bench.train_step \
 # allocation on demand, leaves room for torch in the same process; on an 80 GB H100 it
 # could not place this step's one 47.8 GiB buffer even at 90%: a pool fragmented by
 # growth, as JAX's GPU memory docs warn).
+# The default linear attention, auto: the fused Triton kernels on a GPU (in the smoke run
+# on a CPU, the same kernels interpreted); then XLA's version, to compare.
+LINEAR=auto; [[ "${BENCH_SMOKE:-0}" == "1" ]] && LINEAR=triton_interpret
 XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
 run train_bf16_b256 "train bfloat16 b${LARGE_BATCHES[1]}" -m bench.train_step \
-    "${COMMON[@]}" "${TRAIN_TIMING[@]}" --precision bfloat16 --batch "${LARGE_BATCHES[1]}"
-# The same with the linear attention's fused Triton kernels (in the smoke run on a CPU,
-# the same kernels interpreted).
-TRITON=triton; [[ "${BENCH_SMOKE:-0}" == "1" ]] && TRITON=triton_interpret
+    "${COMMON[@]}" "${TRAIN_TIMING[@]}" --precision bfloat16 --batch "${LARGE_BATCHES[1]}" \
+    --linear_attention_impl "$LINEAR"
 XLA_PYTHON_CLIENT_PREALLOCATE=true XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
-run train_bf16_b256_triton "train bfloat16 b${LARGE_BATCHES[1]}, $TRITON linear attention" \
+run train_bf16_b256_xla "train bfloat16 b${LARGE_BATCHES[1]}, XLA linear attention" \
     -m bench.train_step "${COMMON[@]}" "${TRAIN_TIMING[@]}" --precision bfloat16 \
-    --batch "${LARGE_BATCHES[1]}" --linear_attention_impl "$TRITON"
+    --batch "${LARGE_BATCHES[1]}" --linear_attention_impl xla
 finish

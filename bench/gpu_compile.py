@@ -85,7 +85,8 @@ def parse_args(argv):
 
 
 def compile_for_gpu(args):
-  """The train step compiled for args.card; returns (compiled, compile seconds, attention)."""
+  """The train step compiled for args.card; returns (compiled, compile seconds, (full
+  attention, linear attention) kernels as resolved for the GPU)."""
   try:
     topology = topologies.get_topology_desc(
         platform='cuda', topology='1x1x1',
@@ -97,13 +98,15 @@ def compile_for_gpu(args):
         'it on PYTHONPATH.') from error
   # 'auto' resolves for the GPU, not for this machine's backend.
   attention = train_lib.attention_impl(args.attention_impl, args.precision, backend='gpu')
-  step, state, batch = roofline.abstract_step(args, attention, args.linear_attention_impl)
+  linear = train_lib.linear_attention_impl(args.linear_attention_impl, args.precision,
+                                           backend='gpu')
+  step, state, batch = roofline.abstract_step(args, attention, linear)
   mesh = train_lib.make_mesh(topology.devices)
   jitted = train_lib.compile_train_step(step, mesh, train_lib.replicated_sharding(mesh, state),
                                         train_lib.batch_sharding(mesh))
   start = time.perf_counter()
   compiled = jitted.lower(state, batch).compile()
-  return compiled, time.perf_counter() - start, attention
+  return compiled, time.perf_counter() - start, (attention, linear)
 
 
 def _bytes_of(shape_text: str) -> int:
@@ -148,7 +151,7 @@ def kernels(hlo_text: str) -> list[dict]:
 
 def main(argv):
   args = parse_args(argv)
-  compiled, compile_s, attention = compile_for_gpu(args)
+  compiled, compile_s, (attention, linear) = compile_for_gpu(args)
   text = compiled.as_text()
   if args.dump_hlo:
     with open(args.dump_hlo, 'w', encoding='utf-8') as f:
@@ -172,8 +175,7 @@ def main(argv):
       f'{args.precision}, batch {args.batch}',
       table('layer', 10) + '\n\n' + table('kind', 16),
       [f'{common.describe_unet(args)}, {args.image_size}x{args.image_size}x'
-       f'{args.channels}; full attention: {attention}; linear attention: '
-       f'{args.linear_attention_impl}.',
+       f'{args.channels}; full attention: {attention}; linear attention: {linear}.',
        f'Compiled by XLA for a described {CARDS[args.card]["name"]} on this machine, with no '
        f'GPU (jax.experimental.topologies): {compile_s:.0f} s. Nothing ran: no timings.',
        f'**{len(found):,} kernels moving {total / 1e9:,.1f} GB per step** (each kernel\'s '

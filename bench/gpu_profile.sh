@@ -5,13 +5,13 @@
 # Needs JAX (CUDA), Flax, Optax and ml_collections; synthetic batches, no torch. Runs,
 # each under its own timeout, all within about 8 minutes on an H100:
 #   1. bench.train_step, bfloat16, batch 256: images/s and MFU, with the linear
-#      attention in XLA (the default) and in the fused Triton kernels
-#      (model.linear_attention_impl=triton);
+#      attention in XLA and in the fused Triton kernels (model.linear_attention_impl=
+#      triton, what the default auto picks on a GPU);
 #   2. the Triton kernels' numbers on this GPU: the study's batch-8 step with them, and
 #      the U-Net output's distance from the float32 reference (--check_attention);
 #   3. the batch-256 step from the checkout in $BASELINE_DIR, when set (a copy of an
-#      older commit's eo_ddpm_jax/, bench/ and configs/), to measure a change on the
-#      same card;
+#      older commit's eo_ddpm_jax/, bench/ and configs/; its own defaults), to measure
+#      a change on the same card;
 #   4. bench.profile of the batch-256 step with $PROFILE_LINEAR_ATTENTION (default
 #      triton; xla profiles the XLA version): time per XLA op kind and per GPU kernel, with the trace and the
 #      optimised HLO kept (to read op names against);
@@ -63,8 +63,9 @@ run() {
   run_python "$name" "$dir" "$CMD_TIMEOUT_S" "$@"
 }
 
-run "train bfloat16 b$LARGE" . -m bench.train_step "${COMMON[@]}" "${TIMING[@]}" \
-    --precision bfloat16 --batch "$LARGE" --results "$RESULTS"
+run "train bfloat16 b$LARGE, xla linear attention" . -m bench.train_step "${COMMON[@]}" \
+    "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" --linear_attention_impl xla \
+    --results "$RESULTS"
 run "train bfloat16 b$LARGE, $TRITON linear attention" . -m bench.train_step \
     "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" \
     --linear_attention_impl "$TRITON" --results "$RESULTS"

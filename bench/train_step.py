@@ -159,7 +159,8 @@ def attention_difference(config, params, images: np.ndarray) -> dict[str, float]
 
   reference = output(('einsum', 'xla'), 'float32')
   chosen = (train_lib.attention_impl(config.model.attention_impl, config.model.dtype),
-            config.model.linear_attention_impl)
+            train_lib.linear_attention_impl(config.model.linear_attention_impl,
+                                            config.model.dtype))
   return {' + '.join(impls): float(np.abs(output(impls, config.model.dtype) - reference).max()
                                    / np.abs(reference).max())
           for impls in dict.fromkeys((chosen, ('einsum', 'xla')))}
@@ -307,7 +308,8 @@ def main(argv):
       'step = block time / steps'
       + ('; JAX and torch blocks alternate.' if torch_result and interleave else '.'),
       f'JAX full attention: {train_lib.attention_impl(args.attention_impl, args.precision)}'
-      f'; linear attention: {args.linear_attention_impl}'
+      f'; linear attention: '
+      f'{train_lib.linear_attention_impl(args.linear_attention_impl, args.precision)}'
       + (f' (tilings {args.linear_attention_tilings})'
          if args.linear_attention_tilings else '') + '.',
       'FLOP/step: XLA cost analysis of the un-optimised step lowered for the CPU (JAX; '

@@ -51,10 +51,10 @@ def get_config() -> ml_collections.ConfigDict:
   # NVIDIA GPU + bfloat16; needed for large batches), auto (cudnn where it applies).
   model.attention_impl = 'auto'
   # Linear attention's kernels: xla (any backend); triton (fused Pallas kernels on
-  # NVIDIA GPUs, for layers of up to 128 channels, XLA for wider ones: ~4x fewer bytes
-  # per layer at batch 256; not yet timed on a GPU, so not the default);
-  # triton_interpret (the same kernels interpreted, any backend; slow, for checks).
-  model.linear_attention_impl = 'xla'
+  # NVIDIA GPUs, for layers of up to 128 channels, XLA for wider ones: on an H200 at
+  # batch 256, 25% less memory and a 3% faster step); auto (triton for bfloat16 on a GPU,
+  # else xla); triton_interpret (the kernels interpreted, any backend; slow, for checks).
+  model.linear_attention_impl = 'auto'
 
   # --- diffusion: schedule, objective and loss.
   config.diffusion = diffusion = ml_collections.ConfigDict()

@@ -60,16 +60,17 @@ def check_model_and_diffusion(config: ml_collections.ConfigDict) -> None:
     _require(m.dtype == 'bfloat16' and backend == 'gpu',
              f'model.attention_impl=\'cudnn\' needs an NVIDIA GPU and model.dtype=bfloat16 '
              f'(here: {backend}, {m.dtype}); use auto or einsum.')
-  # Config files written before the key existed (torch import's config.py) mean xla.
-  linear_impl = m.get('linear_attention_impl', 'xla')
-  _require(linear_impl in unet.LINEAR_ATTENTION_IMPLS,
+  # Config files written before the key existed (torch import's config.py) mean auto.
+  linear_impl = m.get('linear_attention_impl', 'auto')
+  linear_impls = ('auto',) + unet.LINEAR_ATTENTION_IMPLS
+  _require(linear_impl in linear_impls,
            f'model.linear_attention_impl={linear_impl!r} is unknown; valid '
-           f'values: {", ".join(unet.LINEAR_ATTENTION_IMPLS)}.')
+           f'values: {", ".join(linear_impls)}.')
   if linear_impl == 'triton':
     backend = jax.default_backend()
     _require(backend == 'gpu' and m.dtype in ('bfloat16', 'float32'),
              f'model.linear_attention_impl=\'triton\' needs an NVIDIA GPU and model.dtype '
-             f'bfloat16 or float32 (here: {backend}, {m.dtype}); use xla.')
+             f'bfloat16 or float32 (here: {backend}, {m.dtype}); use auto or xla.')
   for key, value in (('train.grid_sampler', config.train.grid_sampler),
                      ('sample.sampler', config.sample.sampler),
                      ('eval.sampler', config.eval.sampler)):

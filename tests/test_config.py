@@ -102,11 +102,11 @@ def test_attention_impl_errors_name_key_and_fix(impl, dtype, pattern):
 
 
 @pytest.mark.parametrize('impl, pattern', [
-    ('pallas', r"model.linear_attention_impl='pallas' is unknown; valid values: xla, "
-               r"triton, triton_interpret"),
+    ('pallas', r"model.linear_attention_impl='pallas' is unknown; valid values: auto, "
+               r"xla, triton, triton_interpret"),
     # This machine is a CPU: the GPU kernels are refused before any compute.
     ('triton', r"model.linear_attention_impl='triton' needs an NVIDIA GPU .* \(here: cpu, "
-               r"bfloat16\); use xla"),
+               r"bfloat16\); use auto or xla"),
 ])
 def test_linear_attention_impl_errors_name_key_and_fix(impl, pattern):
   config = default.get_config()
@@ -115,13 +115,26 @@ def test_linear_attention_impl_errors_name_key_and_fix(impl, pattern):
     config_check.check_config(config, num_devices=1, need_data=False)
 
 
-def test_configs_without_linear_attention_impl_use_xla():
-  """Config files written before the key existed (torch import's config.py) still
-  check and build the model, with the XLA linear attention."""
+def test_configs_without_linear_attention_impl_resolve_as_auto():
+  """Config files written before model.linear_attention_impl existed (torch import's)
+  check and build the model; on this CPU that is the XLA linear attention."""
   config = default.get_config()
   del config.model['linear_attention_impl']
   config_check.check_config(config, num_devices=1, need_data=False)
   assert train_step.create_model(config.model).linear_attention_impl == 'xla'
+
+
+@pytest.mark.parametrize('name, dtype, backend, expected', [
+    ('auto', 'bfloat16', 'gpu', 'triton'),
+    ('auto', 'float32', 'gpu', 'xla'),  # float32 keeps the version held to PyTorch's.
+    ('auto', 'bfloat16', 'cpu', 'xla'),
+    ('auto', 'bfloat16', 'tpu', 'xla'),  # Triton is NVIDIA's.
+    ('xla', 'bfloat16', 'gpu', 'xla'),
+    ('triton_interpret', 'bfloat16', 'cpu', 'triton_interpret'),
+])
+def test_auto_linear_attention_picks_the_kernels_only_where_they_run(name, dtype, backend,
+                                                                     expected):
+  assert train_step.linear_attention_impl(name, dtype, backend) == expected
 
 
 @pytest.mark.parametrize('name, dtype, backend, expected', [

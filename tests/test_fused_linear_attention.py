@@ -17,7 +17,7 @@ from tests import cli_helpers
 from tests import linear_attention_reference as reference
 
 B, N, C, HEADS, D, F = 2, 256, 32, 2, 16, 32
-CHUNK = 128  # 2 chunks of 256 positions, each 2 loop steps of 64 rows.
+CHUNK = 128  # 2 chunks of 256 positions (loop steps: see rows_per_step).
 ARG_NAMES = ('y', 'w_q', 'w_k', 'w_v', 'w_out', 'mem_kv')
 
 
@@ -50,6 +50,16 @@ def _fused(*args):
   return fused.fused_linear_attention(*args, D**-0.5, chunk=CHUNK, interpret=True)
 
 
+@pytest.fixture
+def rows_per_step(monkeypatch):
+  """Sets every kernel's loop step to `rows` rows of these C = F = 32 channels."""
+  def set_rows(rows):
+    for name, tiling in fused.TILINGS.items():
+      monkeypatch.setitem(fused.TILINGS, name,
+                          fused.Tiling(rows * C, tiling.num_warps, tiling.num_stages))
+  return set_rows
+
+
 def _value_and_grads(fn, args):
   weights = jnp.asarray(np.random.default_rng(7).standard_normal((B, N, F)), jnp.float32)
   loss = lambda *a: jnp.sum(jnp.sin(fn(*a).astype(jnp.float32)) * weights)
@@ -61,13 +71,16 @@ def _rel(got, want):
   return np.linalg.norm(got - want) / np.linalg.norm(want)
 
 
-@pytest.mark.parametrize('key_scale, memory_key_scale', [
-    (3.0, 1.0),   # The keys' max over positions lies in the image.
-    (0.5, 20.0),  # It lies in the memory slots: the chunks' sums are rescaled to it.
+@pytest.mark.parametrize('key_scale, memory_key_scale, rows', [
+    (3.0, 1.0, 64),   # The keys' max over positions lies in the image; 2 steps a chunk.
+    (3.0, 1.0, 16),   # The same in 8 steps of 16 rows.
+    (0.5, 20.0, 64),  # It lies in the memory slots: the chunks' sums are rescaled to it.
 ])
-def test_kernels_match_the_library_in_float32(key_scale, memory_key_scale):
+def test_kernels_match_the_library_in_float32(key_scale, memory_key_scale, rows,
+                                              rows_per_step):
   """Output and the gradients of y, the four projections and the memory equal the
   library's steps to float32 rounding, across chunks and loop steps whose maxima differ."""
+  rows_per_step(rows)
   args = _inputs(key_scale=key_scale, memory_key_scale=memory_key_scale)
   out, grads = _value_and_grads(_fused, args)
   want_out, want_grads = _value_and_grads(_library, args)
@@ -75,6 +88,21 @@ def test_kernels_match_the_library_in_float32(key_scale, memory_key_scale):
   np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
   for name, got, want in zip(ARG_NAMES, grads, want_grads):
     assert _rel(got, want) < 1e-5, name
+
+
+def test_each_heads_softmax_is_shifted_by_its_own_max(rows_per_step):
+  """One head's query logits ~300 above the other's: shifted by the row's overall max,
+  the other head's exponentials would all underflow to 0 (0/0). The kernels take each
+  head's own max, as the library's softmax does, and match it."""
+  rows_per_step(64)
+  y, w_q, *rest = _inputs(seed=2)
+  w_q = w_q.at[:, :D].multiply(100.0)   # Head 0's logits, ~100x larger.
+  args = (y, w_q, *rest)
+  out, grads = _value_and_grads(_fused, args)
+  want_out, want_grads = _value_and_grads(_library, args)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-5)
+  for name, got, want in zip(ARG_NAMES, grads, want_grads):
+    assert _rel(got, want) < 1e-4, name
 
 
 def test_kernels_in_bfloat16_are_as_close_to_float32_as_the_xla_version():
