@@ -98,8 +98,9 @@ def compile_for_gpu(args):
         'it on PYTHONPATH.') from error
   # 'auto' resolves for the GPU, not for this machine's backend.
   attention = train_lib.attention_impl(args.attention_impl, args.precision, backend='gpu')
-  linear = train_lib.linear_attention_impl(args.linear_attention_impl, args.precision,
-                                           backend='gpu')
+  linear = train_lib.linear_attention_impl(
+      args.linear_attention_impl, args.precision, backend='gpu',
+      compute_capability=f'{CARDS[args.card]["major"]}.0')
   step, state, batch = roofline.abstract_step(args, attention, linear)
   mesh = train_lib.make_mesh(topology.devices)
   jitted = train_lib.compile_train_step(step, mesh, train_lib.replicated_sharding(mesh, state),

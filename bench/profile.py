@@ -4,11 +4,12 @@ Runs the program under `jax.profiler.trace` on one device, reads the trace back 
 `jax.profiler.ProfileData`, and sums the events of the XLA threads (CPU) or the GPU's
 kernels by op kind: the fusion's name without its number (`ynn_fusion`,
 `input_reduce_fusion`, ...; cuDNN and cuBLAS kernels by their name's start). On a GPU
-a second table lists the kernels one by one. Times are per call of the program;
-YNNPACK fusions (convolutions, dots and reductions) share one kind, so `--dump_hlo DIR`
-also writes the optimised HLO to match op names against, and `--trace_dir DIR` keeps
-the trace (TensorBoard's profile plugin opens it). Appends the tables to
-bench/RESULTS.md.
+a second table lists the kernels one by one, and a third sums them by the kind of work
+(`work_kind`: convolutions, GEMMs, attention, Pallas kernels, XLA reductions, the
+rest). Times are per call of the program; YNNPACK fusions (convolutions, dots and
+reductions) share one kind, so `--dump_hlo DIR` also writes the optimised HLO to match
+op names against, and `--trace_dir DIR` keeps the trace (TensorBoard's profile plugin
+opens it). Appends the tables to bench/RESULTS.md.
 
   python -m bench.profile --dim 32 --dim_mults 1,2,4 --image_size 64 --batch 4 \
       --program train_step
@@ -103,6 +104,30 @@ def _op_kind(name: str) -> str:
   return re.sub(r'[._]\d+$', '', name)[:40]
 
 
+# GPU kernels by the kind of work, from their names: cuDNN's convolution kernels
+# ('sm90_xmma_fprop_implicit_gemm_...', dgrad, wgrad), its fused attention ('..._sdpa_...'),
+# GEMMs (XLA's Triton GEMM fusions, cuBLAS's nvjet and cutlass kernels), Pallas kernels
+# (named after their Python function, '_apply_context_kernel'), and XLA's own fusions,
+# split into those that reduce and the elementwise loops and copies.
+WORK_KINDS = (
+    ('full attention (cuDNN)', re.compile(r'sdpa|flash|fmha')),
+    ('convolutions (cuDNN)', re.compile(r'implicit_gemm|fprop|dgrad|wgrad|cudnn|cask')),
+    ('GEMMs', re.compile(
+        r'^(gemm_fusion|nvjet|cutlass|void cutlass|sm\d+_xmma_gemm|triton_gemm)')),
+    ('Pallas kernels', re.compile(r'^_\w*kernel')),
+    ('XLA reductions', re.compile(r'reduce|softmax')),
+)
+
+
+def work_kind(kernel_name: str) -> str:
+  """The kind of work a GPU kernel does, from its name (see WORK_KINDS); else 'XLA
+  elementwise and copies'."""
+  for kind, pattern in WORK_KINDS:
+    if pattern.search(kernel_name):
+      return kind
+  return 'XLA elementwise and copies'
+
+
 def op_times(trace_dir: str, calls: int) -> tuple[collections.Counter, collections.Counter]:
   """Milliseconds per call by op kind, and by GPU kernel (empty on a CPU).
 
@@ -157,6 +182,11 @@ def main(argv):
             for name, ms in kernels.most_common(args.top)]
     rows.append(('all kernels', f'{busy:.1f} ms', f'{busy / call_ms:.0%} of the call'))
     table += '\n\n' + common.markdown_table(['GPU kernel', 'time per call', 'share'], rows)
+    by_kind = collections.Counter()
+    for name, ms in kernels.items():
+      by_kind[work_kind(name)] += ms
+    rows = [(kind, f'{ms:.1f} ms', f'{ms / busy:.1%}') for kind, ms in by_kind.most_common()]
+    table += '\n\n' + common.markdown_table(['GPU work', 'time per call', 'share'], rows)
   facts = common.jax_device_facts()
   notes = [
       f'{description}: {common.describe_unet(args)}, batch '

@@ -52,8 +52,9 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_impl = 'auto'
   # Linear attention's kernels: xla (any backend); triton (fused Pallas kernels on
   # NVIDIA GPUs, for layers of up to 128 channels, XLA for wider ones: on an H200 at
-  # batch 256, 25% less memory and a 3% faster step); auto (triton for bfloat16 on a GPU,
-  # else xla); triton_interpret (the kernels interpreted, any backend; slow, for checks).
+  # batch 256, 25% less memory and a 3% faster step); auto (triton for bfloat16 on an
+  # A100, H100 or H200, whose shared memory the kernels were compiled for; else xla);
+  # triton_interpret (the kernels interpreted, any backend; slow, for checks).
   model.linear_attention_impl = 'auto'
 
   # --- diffusion: schedule, objective and loss.

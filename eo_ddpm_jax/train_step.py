@@ -310,9 +310,17 @@ def attention_impl(name: str, dtype_name: str, backend: str | None = None) -> st
   return 'cudnn' if backend == 'gpu' and dtype_name == 'bfloat16' else 'einsum'
 
 
-def linear_attention_impl(name: str, dtype_name: str, backend: str | None = None) -> str:
+# NVIDIA compute capabilities whose shared memory the fused linear attention's blocks were
+# compiled against (bench/gpu_compile.py: the A100, 8.0; the H100 and H200, 9.0). Cards
+# with less per block, such as consumer GPUs (8.6, 8.9), keep XLA's version under 'auto'.
+FUSED_LINEAR_ATTENTION_CARDS = ('8.0', '9.0')
+
+
+def linear_attention_impl(name: str, dtype_name: str, backend: str | None = None,
+                          compute_capability: str | None = None) -> str:
   """`model.linear_attention_impl` resolved: 'auto' -> 'triton' (the fused kernels) for
-  bfloat16 on a GPU, else 'xla'; the others pass through.
+  bfloat16 on an NVIDIA GPU of FUSED_LINEAR_ATTENTION_CARDS, else 'xla'; the others pass
+  through. compute_capability ('9.0') defaults to the first GPU's.
 
   On an H200 at batch 256 the kernels ran the train step in 146.6 ms with a 30.3 GiB peak,
   XLA's version in 150.7 ms with 40.4 GiB (bench/RESULTS.md, session 15). float32 keeps
@@ -321,7 +329,13 @@ def linear_attention_impl(name: str, dtype_name: str, backend: str | None = None
   if name != 'auto':
     return name
   backend = backend or jax.default_backend()
-  return 'triton' if backend == 'gpu' and dtype_name == 'bfloat16' else 'xla'
+  if backend != 'gpu' or dtype_name != 'bfloat16':
+    return 'xla'
+  if compute_capability is None:
+    # Absent on non-NVIDIA GPUs.
+    compute_capability = getattr(jax.local_devices(backend='gpu')[0], 'compute_capability',
+                                 None)
+  return 'triton' if compute_capability in FUSED_LINEAR_ATTENTION_CARDS else 'xla'
 
 
 def create_model(model_config: ml_collections.ConfigDict) -> flax.linen.Module:

@@ -1,10 +1,12 @@
 """Tests for the counts of bench/roofline.py (FLOPs against XLA's cost analysis, layer
-kinds from name stacks) and bench/gpu_compile.py (bytes of a GPU program's kernels)."""
+kinds from name stacks), bench/gpu_compile.py (bytes of a GPU program's kernels) and
+bench/profile.py (GPU kernels by the kind of work)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from bench import profile
 from bench import roofline
 
 
@@ -87,3 +89,29 @@ def test_gpu_compile_charges_each_kernel_its_operands_and_results():
       dict(kind='__cudnn$convForward', bytes=64 + 288 + 16 + 100,
            layer='ResNet blocks (3x3 convs, 1x1 residual convs)'),
   ]
+
+
+@pytest.mark.parametrize('kernel, kind', [
+    # Kernel names from the H200's profile of the batch-256 step (bench/RESULTS.md,
+    # session 15), each with what the optimised HLO or the library says it is.
+    ('sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize256x64x32',
+     'convolutions (cuDNN)'),
+    ('sm90_xmma_wgrad_indexed_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc',
+     'convolutions (cuDNN)'),
+    ('void cask_plugin__5x_cudnn::xmma__5x_cudnn::gemm::kernel', 'convolutions (cuDNN)'),
+    ('cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26',
+     'full attention (cuDNN)'),
+    ('gemm_fusion_dot_170', 'GEMMs'),                       # a 1x1 conv's weight gradient
+    ('nvjet_sm90_tst_64x192_64x6_2x1_v_bz_TNN', 'GEMMs'),  # cuBLAS
+    ('sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x128x32', 'GEMMs'),
+    ('_apply_context_grad_kernel__3', 'Pallas kernels'),
+    ('_key_statistics_kernel', 'Pallas kernels'),
+    ('input_add_reduce_fusion_13', 'XLA reductions'),      # GroupNorm backward sums
+    ('input_convert_reduce_fusion_19', 'XLA reductions'),  # a conv bias gradient
+    ('triton_softmax_11', 'XLA reductions'),
+    ('loop_multiply_fusion_12', 'XLA elementwise and copies'),  # SiLU
+    ('wrapped_concatenate_4', 'XLA elementwise and copies'),    # the skip concatenation
+    ('Memset 3', 'XLA elementwise and copies'),
+])
+def test_profile_sorts_gpu_kernels_by_the_work_they_do(kernel, kind):
+  assert profile.work_kind(kernel) == kind

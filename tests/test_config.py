@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from configs import default
@@ -124,16 +125,24 @@ def test_configs_without_linear_attention_impl_resolve_as_auto():
   assert train_step.create_model(config.model).linear_attention_impl == 'xla'
 
 
-@pytest.mark.parametrize('name, dtype, backend, expected', [
-    ('auto', 'bfloat16', 'gpu', 'triton'),
-    ('auto', 'float32', 'gpu', 'xla'),  # float32 keeps the version held to PyTorch's.
-    ('auto', 'bfloat16', 'cpu', 'xla'),
-    ('auto', 'bfloat16', 'tpu', 'xla'),  # Triton is NVIDIA's.
-    ('xla', 'bfloat16', 'gpu', 'xla'),
-    ('triton_interpret', 'bfloat16', 'cpu', 'triton_interpret'),
+@pytest.mark.parametrize('name, dtype, backend, card, expected', [
+    ('auto', 'bfloat16', 'gpu', '9.0', 'triton'),   # H100, H200
+    ('auto', 'bfloat16', 'gpu', '8.0', 'triton'),   # A100
+    ('auto', 'bfloat16', 'gpu', '8.6', 'xla'),      # less shared memory per block
+    ('auto', 'bfloat16', 'gpu', None, 'xla'),       # a GPU that is not NVIDIA's
+    ('auto', 'float32', 'gpu', '9.0', 'xla'),  # float32 keeps the version held to PyTorch's.
+    ('auto', 'bfloat16', 'cpu', None, 'xla'),
+    ('auto', 'bfloat16', 'tpu', None, 'xla'),
+    ('xla', 'bfloat16', 'gpu', '9.0', 'xla'),
+    ('triton_interpret', 'bfloat16', 'cpu', None, 'triton_interpret'),
 ])
 def test_auto_linear_attention_picks_the_kernels_only_where_they_run(name, dtype, backend,
-                                                                     expected):
+                                                                     card, expected,
+                                                                     monkeypatch):
+  class Device:  # What jax.local_devices(backend='gpu') would give on that card.
+    if card is not None:
+      compute_capability = card
+  monkeypatch.setattr(jax, 'local_devices', lambda backend=None: [Device()])
   assert train_step.linear_attention_impl(name, dtype, backend) == expected
 
 
