@@ -272,8 +272,9 @@ def _per_head(x, reduce, dim_head):
   """Each row's `reduce` (jnp.max or jnp.sum) over each head's dim_head columns of x
   [rows, heads * d], broadcast back over that head's columns.
 
-  Masks instead of a [rows, heads, d] reshape, which Triton cannot lay out: the heads are
-  few (4 in the study), and each pass is elementwise over the block.
+  Masks over the columns keep every value 2-D, the layout Triton's dots and reductions
+  work in (a [rows, heads, d] reshape was not tried); the heads are few (4 in the
+  study), and each pass is elementwise over the block.
   """
   head = jax.lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1) // dim_head
   fill = -jnp.inf if reduce is jnp.max else 0.0
