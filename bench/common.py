@@ -80,7 +80,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--linear_attention_impl', default='auto',
                       choices=('auto', 'xla', 'triton', 'triton_interpret'),
                       help='JAX linear attention kernels (model.linear_attention_impl; '
-                           'auto: triton for bfloat16 on a GPU, else xla).')
+                           'auto: triton for bfloat16 on an A100, H100 or H200, else xla).')
   parser.add_argument('--linear_attention_tilings', default='',
                       help='With the Triton kernels: NAME=ELEMENTS/WARPS/STAGES,... to '
                            'replace fused_linear_attention.TILINGS entries (as written by '
@@ -97,6 +97,11 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--peak_tflops', type=float, default=None,
                       help='Device peak for MFU; default: by device kind (bf16 dense), none '
                            'on CPU.')
+  add_report_flags(parser)
+
+
+def add_report_flags(parser: argparse.ArgumentParser) -> None:
+  """--results and --note, for every benchmark's `report`."""
   parser.add_argument('--results', default=DEFAULT_RESULTS,
                       help='Markdown file the table is appended to; "" prints only.')
   parser.add_argument('--note', default='', help='Free text added under the table.')
@@ -143,7 +148,12 @@ def set_linear_attention_tilings(text: str) -> None:
     if name not in fused.TILINGS:
       raise SystemExit(f'--linear_attention_tilings: unknown kernel {name!r}; one of '
                        f'{sorted(fused.TILINGS)}.')
-    elements, warps, stages = (int(v) for v in value.split('/'))
+    try:
+      elements, warps, stages = (int(v) for v in value.split('/'))
+    except ValueError:
+      raise SystemExit(f'--linear_attention_tilings: {item!r} is not '
+                       'NAME=ELEMENTS/WARPS/STAGES (integers; STAGES 0 for the '
+                       'default).') from None
     fused.TILINGS[name] = fused.Tiling(elements, warps, stages or None)
 
 

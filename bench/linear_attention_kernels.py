@@ -30,7 +30,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from eo_ddpm_jax import fused_linear_attention as fused
 from eo_ddpm_jax import unet
@@ -61,8 +60,7 @@ def parse_args(argv):
                       help="Pallas' interpreter (any backend; for checking this script).")
   parser.add_argument('--best_to', default='',
                       help='Write the best tilings here, as --linear_attention_tilings.')
-  parser.add_argument('--results', default=common.DEFAULT_RESULTS)
-  parser.add_argument('--note', default='')
+  common.add_report_flags(parser)
   return parser.parse_args(argv)
 
 
