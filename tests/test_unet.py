@@ -170,6 +170,47 @@ def test_bfloat16_linear_attention_multiplies_its_full_size_tensors_in_bfloat16(
                  [str(v.aval) for v in eqn.invars] for eqn in over_positions]
 
 
+def test_sub_pixel_upsample_conv_matches_torch_upsample_then_conv(x64):
+  """SubPixelUpsampleConv (3x3 conv at the input's resolution, 4 phases, depth-to-space)
+  equals torch's nn.Upsample(nearest) then Conv2d 3x3, padding 1, in float64: values and
+  the gradients of the input, kernel and bias, on an odd-sized image (borders on every
+  side of every phase)."""
+  import torch  # pylint: disable=g-import-not-at-top  (the [torch] test extra)
+  rng = np.random.default_rng(5)
+  x, kernel = rng.standard_normal((2, 5, 3, 4)), rng.standard_normal((3, 3, 4, 6))
+  bias, weights = rng.standard_normal(6), rng.standard_normal((2, 10, 6, 6))
+  module = unet.SubPixelUpsampleConv(6, dtype=jnp.float64, param_dtype=jnp.float64)
+
+  def jax_loss(x, kernel, bias):
+    out = module.apply({'params': {'kernel': kernel, 'bias': bias}}, x)
+    return jnp.sum(out * weights), out
+
+  (_, out), grads = jax.value_and_grad(jax_loss, argnums=range(3), has_aux=True)(
+      jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(bias))
+  tx, tkernel, tbias = (torch.tensor(a, requires_grad=True) for a in (x, kernel, bias))
+  upsampled = torch.nn.functional.interpolate(tx.permute(0, 3, 1, 2), scale_factor=2,
+                                              mode='nearest')
+  expected = torch.nn.functional.conv2d(upsampled, tkernel.permute(3, 2, 0, 1), tbias,
+                                        padding=1).permute(0, 2, 3, 1)
+  torch.sum(expected * torch.tensor(weights)).backward()
+  np.testing.assert_allclose(np.asarray(out), expected.detach().numpy(), rtol=1e-12,
+                             atol=1e-12)
+  for got, want in zip(grads, (tx, tkernel, tbias)):
+    np.testing.assert_allclose(np.asarray(got), want.grad.numpy(), rtol=1e-12, atol=1e-12)
+
+
+def test_bfloat16_unet_inits_the_float32_params():
+  """16-bit compute swaps modules (SubPixelUpsampleConv for upsample + nn.Conv) but not
+  params: same tree, and the same values from the same key."""
+  model_kw = dict(dim=8, dim_mults=(1, 2), attn_dim_head=4, attn_heads=2)
+  args = (jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32))
+  float32 = jax.jit(unet.UNet(**model_kw).init)(*args)
+  bfloat16 = jax.jit(unet.UNet(dtype=jnp.bfloat16, **model_kw).init)(*args)
+  assert jax.tree.structure(float32) == jax.tree.structure(bfloat16)
+  for a, b in zip(jax.tree.leaves(float32), jax.tree.leaves(bfloat16)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_upsample_nearest():
   x = np.random.default_rng(0).standard_normal((2, 3, 5, 4)).astype(np.float32)
   expected = np.repeat(np.repeat(x, 2, axis=1), 2, axis=2)
