@@ -4,8 +4,9 @@ memory traffic and its memory, read from XLA's optimised GPU program.
 XLA compiles for a described GPU without the device (deviceless AOT:
 `jax.experimental.topologies` with a target config). The optimised HLO lists the kernels
 a step launches (fusions, cuDNN convolutions and attention, Triton GEMMs); each kernel's
-operand and result bytes, summed, are the step's memory traffic, and XLA's buffer
-assignment gives its temporary memory. No GPU runs anything, so there are no timings:
+operand and result bytes, summed, are the step's memory traffic (an operand that only
+feeds slices counts only the elements they keep), and XLA's buffer assignment gives its
+temporary memory. No GPU runs anything, so there are no timings:
 this measures the bytes a change saves, on any machine, before a GPU confirms the time.
 Checked against the cards (bench/RESULTS.md): at eea3a5f it gives 47.4 GiB of temporaries
 where the H200 measured a 49.0 GiB peak, and at 3ef6ece (float32, batch 8) the same
@@ -24,6 +25,7 @@ from bench import common  # First: sets the environment jax reads at import.
 
 import argparse
 import collections
+import math
 import re
 import sys
 import time
@@ -121,18 +123,73 @@ def _bytes_of(shape_text: str) -> int:
   return total
 
 
+_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:, |$)')
+# Ops that map each element of their operands to one element of their result, so a slice
+# after them reads only the operand elements it keeps.
+_ELEMENTWISE = {'abs', 'add', 'bitcast', 'compare', 'convert', 'divide', 'exponential',
+                'log', 'logistic', 'maximum', 'minimum', 'multiply', 'negate', 'rsqrt',
+                'select', 'sqrt', 'subtract', 'tanh'}
+
+
+def _elements_of(shape_text: str) -> int:
+  return sum(math.prod(int(d) for d in filter(None, dims.split(',')))
+             for dims in re.findall(r'\b\w+\[([\d,]*)\]', shape_text))
+
+
+def _sliced_reads(body: str) -> dict[int, int]:
+  """For a fused computation's text: parameter number -> the bytes the kernel reads of
+  it, for each parameter that reaches slices only, through elementwise ops (the kernel
+  then reads only the elements the slices keep, e.g. one pixel of a GroupNorm input)."""
+  ops, users, params = {}, collections.defaultdict(list), {}
+  for line in body.splitlines():
+    match = _INSTRUCTION.match(line)
+    if not match:
+      continue
+    name, shape_text, opcode, operands = match.groups()
+    ops[name] = (opcode, shape_text)
+    for operand in re.findall(r'%([\w.\-]+)', operands):
+      users[operand].append(name)
+    if opcode == 'parameter':
+      params[int(operands)] = (name, _DTYPE_BYTES.get(shape_text.split('[')[0], 0))
+
+  def kept_elements(name):  # None: some use reads the elements in full.
+    if not users[name]:
+      return None
+    total = 0
+    for user in users[name]:
+      opcode, shape_text = ops[user]
+      if opcode == 'slice':
+        total += _elements_of(shape_text)
+      elif opcode in _ELEMENTWISE and (kept := kept_elements(user)) is not None:
+        total += kept
+      else:
+        return None
+    return total
+
+  reads = {}
+  for number, (name, element_bytes) in params.items():
+    kept = kept_elements(name)
+    if kept is not None:
+      reads[number] = kept * element_bytes
+  return reads
+
+
 def kernels(hlo_text: str) -> list[dict]:
   """The ENTRY computation's kernels, as dicts: kind (fusion name or custom-call
   target), bytes (read and written) and layer (`roofline.layer_kind` of its op name).
 
-  Each kernel is charged its operands' and results' full sizes, once: what it must read
-  from and write to memory when nothing stays in cache between kernels.
+  Each kernel is charged its results' and operands' full sizes, once: what it must read
+  from and write to memory when nothing stays in cache between kernels. The exception is
+  a fusion operand that only feeds slices (through elementwise ops): it is charged the
+  elements the slices keep.
   """
+  computations = {m.group(1): m.group(2) for m in re.finditer(
+      r'^%(\S+) \(.*?\n(.*?)\n}', hlo_text, re.MULTILINE | re.DOTALL)}
   entry = hlo_text[hlo_text.index('\nENTRY'):]
   entry = entry[:entry.index('\n}')]
   sizes, found = {}, []
   for line in entry.splitlines()[1:]:
-    match = re.match(r'\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:, |$)', line)
+    match = _INSTRUCTION.match(line)
     if not match:
       continue
     name, shape_text, opcode, operands = match.groups()
@@ -141,12 +198,15 @@ def kernels(hlo_text: str) -> list[dict]:
       continue
     target = re.search(r'custom_call_target="([^"]*)"', line)
     op_name = re.search(r'op_name="([^"]*)"', line)
+    called = re.search(r'calls=%([\w.\-]+)', line)
+    sliced = (_sliced_reads(computations.get(called.group(1), ''))
+              if opcode == 'fusion' and called else {})
     kind = (target.group(1) if target else
             re.sub(r'[.\d]+$', '', name) if opcode == 'fusion' else opcode)
-    found.append(dict(
-        kind=kind, bytes=sizes[name] + sum(sizes.get(o, 0) for o in
-                                           re.findall(r'%([\w.\-]+)', operands)),
-        layer=roofline.layer_kind(op_name.group(1) if op_name else '')))
+    reads = sum(sliced.get(i, sizes.get(o, 0))
+                for i, o in enumerate(re.findall(r'%([\w.\-]+)', operands)))
+    found.append(dict(kind=kind, bytes=sizes[name] + reads,
+                      layer=roofline.layer_kind(op_name.group(1) if op_name else '')))
   return found
 
 
@@ -180,7 +240,8 @@ def main(argv):
        f'Compiled by XLA for a described {CARDS[args.card]["name"]} on this machine, with no '
        f'GPU (jax.experimental.topologies): {compile_s:.0f} s. Nothing ran: no timings.',
        f'**{len(found):,} kernels moving {total / 1e9:,.1f} GB per step** (each kernel\'s '
-       f'operands and results, read or written once); at the card\'s '
+       f'operands and results, read or written once; of an operand that only feeds '
+       f'slices, what they keep); at the card\'s '
        f'{bandwidth / 1e12:.2f} TB/s that alone takes {total / bandwidth * 1e3:.1f} ms.',
        f'Temporary memory (XLA buffer assignment): '
        f'{memory.temp_size_in_bytes / 2**30:.2f} GiB; arguments '

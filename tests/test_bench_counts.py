@@ -91,6 +91,36 @@ def test_gpu_compile_charges_each_kernel_its_operands_and_results():
   ]
 
 
+_SLICING_HLO = """HloModule jit_step
+
+%fused_slice (p0: bf16[4,8], p1: f32[4,8]) -> (f32[1,8], f32[4,8]) {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  %p1 = f32[4,8]{1,0} parameter(1)
+  %c = f32[4,8]{1,0} convert(%p0)
+  %s = f32[1,8]{1,0} slice(%c), slice={[0:1], [0:8]}
+  %n = f32[4,8]{1,0} negate(%p1)
+  %s1 = f32[1,8]{1,0} slice(%n), slice={[1:2], [0:8]}
+  ROOT %t = (f32[1,8]{1,0}, f32[4,8]{1,0}) tuple(%s, %n)
+}
+
+ENTRY %main (a: bf16[4,8], b: f32[4,8]) -> (f32[1,8], f32[4,8]) {
+  %a = bf16[4,8]{1,0} parameter(0)
+  %b = f32[4,8]{1,0} parameter(1)
+  ROOT %loop_slice_fusion = (f32[1,8]{1,0}, f32[4,8]{1,0}) fusion(%a, %b), kind=kLoop, calls=%fused_slice, metadata={op_name="jit(step)/jvp(UNet)/mid_block1/block1/norm/slice"}
+}
+"""
+
+
+def test_gpu_compile_charges_a_sliced_operand_what_the_slices_keep():
+  """A fusion operand that reaches only slices, through elementwise ops, is read only
+  where they keep it: p0 -> convert -> one row of 8 bf16 (16 B, not 64). p1 also feeds
+  the tuple whole, so it is read in full (128 B); the results are 32 + 128 B."""
+  from bench import gpu_compile  # pylint: disable=g-import-not-at-top
+  found = gpu_compile.kernels(_SLICING_HLO)
+  assert found == [dict(kind='loop_slice_fusion', bytes=(32 + 128) + 16 + 128,
+                        layer='ResNet blocks (3x3 convs, 1x1 residual convs)')]
+
+
 @pytest.mark.parametrize('kernel, kind', [
     # Kernel names from the H200's profile of the batch-256 step (bench/RESULTS.md,
     # session 15), each with what the optimised HLO or the library says it is.
