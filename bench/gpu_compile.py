@@ -112,15 +112,16 @@ def compile_for_gpu(args):
   return compiled, time.perf_counter() - start, (attention, linear)
 
 
-def _bytes_of(shape_text: str) -> int:
-  """Bytes of the arrays in an HLO shape such as 'bf16[8,16]{1,0}' or a tuple of them."""
-  total = 0
+def _arrays(shape_text: str):
+  """(dtype, element count) of each array in an HLO shape such as 'bf16[8,16]{1,0}' or a
+  tuple of them."""
   for dtype, dims in re.findall(r'\b(\w+)\[([\d,]*)\]', shape_text):
-    size = _DTYPE_BYTES.get(dtype, 0)
-    for d in filter(None, dims.split(',')):
-      size *= int(d)
-    total += size
-  return total
+    yield dtype, math.prod(int(d) for d in filter(None, dims.split(',')))
+
+
+def _bytes_of(shape_text: str) -> int:
+  """Bytes of the arrays in an HLO shape."""
+  return sum(_DTYPE_BYTES.get(dtype, 0) * count for dtype, count in _arrays(shape_text))
 
 
 _INSTRUCTION = re.compile(r'\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:, |$)')
@@ -129,11 +130,6 @@ _INSTRUCTION = re.compile(r'\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:, |$
 _ELEMENTWISE = {'abs', 'add', 'bitcast', 'compare', 'convert', 'divide', 'exponential',
                 'log', 'logistic', 'maximum', 'minimum', 'multiply', 'negate', 'rsqrt',
                 'select', 'sqrt', 'subtract', 'tanh'}
-
-
-def _elements_of(shape_text: str) -> int:
-  return sum(math.prod(int(d) for d in filter(None, dims.split(',')))
-             for dims in re.findall(r'\b\w+\[([\d,]*)\]', shape_text))
 
 
 def _sliced_reads(body: str) -> dict[int, int]:
@@ -159,7 +155,7 @@ def _sliced_reads(body: str) -> dict[int, int]:
     for user in users[name]:
       opcode, shape_text = ops[user]
       if opcode == 'slice':
-        total += _elements_of(shape_text)
+        total += sum(count for _, count in _arrays(shape_text))
       elif opcode in _ELEMENTWISE and (kept := kept_elements(user)) is not None:
         total += kept
       else:

@@ -43,6 +43,12 @@ def _at_least_f32(dtype: Dtype) -> Dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def _is_16_bit(dtype: Dtype) -> bool:
+  """Whether `dtype` is a 16-bit compute dtype (bfloat16, float16): the GPU's, where some
+  layers take a form that moves fewer bytes (see the module docstring)."""
+  return jnp.dtype(dtype).itemsize < 4
+
+
 def _per_stage(value, num_stages: int, name: str) -> tuple:
   """Broadcasts a scalar to one value per stage (the library's `cast_tuple`)."""
   values = tuple(value) if isinstance(value, (tuple, list)) else (value,) * num_stages
@@ -263,10 +269,11 @@ def _group_norm_silu_fwd(x, gain, bias, scale_shift, num_groups, epsilon):
   stat_dtype = _at_least_f32(x.dtype)
   modulation = None if scale_shift is None else tuple(
       v.astype(stat_dtype) for v in scale_shift)
+  x_stat = x.astype(stat_dtype)
   multiplier, offset, mean, inverse_std = _norm_factors(
-      x.astype(stat_dtype), gain.astype(stat_dtype), bias.astype(stat_dtype), modulation,
-      num_groups, epsilon, one_pass=True)
-  out = nn.silu((x.astype(stat_dtype) * multiplier + offset).astype(x.dtype))
+      x_stat, gain.astype(stat_dtype), bias.astype(stat_dtype), modulation, num_groups,
+      epsilon, one_pass=True)
+  out = nn.silu((x_stat * multiplier + offset).astype(x.dtype))
   return out, (x, gain, bias, scale_shift, multiplier, offset, mean, inverse_std)
 
 
@@ -350,7 +357,7 @@ class GroupNorm(nn.Module):
                        'groups; choose model.resnet_block_groups dividing every width.')
     gain = self.param('scale', nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (c,), self.param_dtype)
-    sixteen_bit = jnp.dtype(self.dtype).itemsize < 4
+    sixteen_bit = _is_16_bit(self.dtype)
     if self.silu and sixteen_bit:
       return group_norm_silu(x.astype(self.dtype), gain, bias, scale_shift,
                              self.num_groups, self.epsilon)
@@ -768,7 +775,7 @@ class UNet(nn.Module):
       name = f'ups_{j}_upsample'
       if j == num_stages - 1:
         x = nn.Conv(dim_in, (3, 3), padding=1, name=name, **kw)(x)
-      elif jnp.dtype(self.dtype).itemsize < 4:
+      elif _is_16_bit(self.dtype):
         x = SubPixelUpsampleConv(dim_in, name=name, **kw)(x)
       else:  # float32 keeps the program measured against the library on CPUs.
         x = nn.Conv(dim_in, (3, 3), padding=1, name=name, **kw)(upsample_nearest(x))
