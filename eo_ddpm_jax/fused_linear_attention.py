@@ -15,9 +15,10 @@ normed input y [B, N, C], each recomputing q or k from y in registers:
 Each has a hand-written backward that again recomputes q or k from y, so no [B, N,
 heads*d] tensor is ever stored. One 128x128 layer at batch 256, forward and backward,
 moves 8.6 GB against 35.9 GB in XLA (compiled for an H100, bench/RESULTS.md); on an
-H200 it ran in 8.4 ms against XLA's 8.9 ms, far from what its bytes would allow (the
-kernels are bound by latency, not memory), and the batch-256 train step peaked at 30.3
-GiB against 40.4.
+H200 it ran in 8.4 ms against XLA's 8.9 ms, far from what its bytes would allow, and
+the batch-256 train step peaked at 30.3 GiB against 40.4. Their time did not follow
+their instruction counts or occupancy, which varied 2-4x over the tilings timed
+(bench/kernel_sass.py); what bounds it is not yet known.
 
 The numbers follow `unet.linear_attention`'s precision: q and k are rounded to y's dtype
 before their softmaxes, the exponentials and GEMM operands are in y's dtype, and the
@@ -71,12 +72,20 @@ TILINGS = {
 }
 # The mesh axis that splits the batch (train_step.make_mesh's).
 BATCH_AXIS = 'data'
+_LOG2_E = math.log2(math.e)
 
 
 def _dot(a, b, contract=(1, 0)):
   """a @ b with float32 accumulation; contract=(0, 0) is a^T b, (1, 1) is a b^T."""
   dims = (((contract[0],), (contract[1],)), ((), ()))
   return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+def _exp_minus(x, shift):
+  """exp(x - shift) in float32 as one multiply-add and the GPU's exp2 instruction
+  (jnp.exp's accurate libdevice call adds a range reduction per element). The rounding
+  of shift * log2(e) costs a relative error of ~6e-8 * |shift|."""
+  return jnp.exp2(x * _LOG2_E - shift * _LOG2_E)
 
 
 def _round(x, dtype):
@@ -133,6 +142,15 @@ def _per_batch_shard(fn, batched_inputs):
                                       for b in batched_inputs))
 
 
+def _grid(batch: int, chunks: int) -> tuple[int, int]:
+  """The programs, (chunk, image) with the chunk first: CUDA launches the first grid
+  axis fastest, so programs that run at once read neighbouring chunks of a few images.
+  In (image, chunk) order they read the same offset of ~132 images, addresses 2 MiB
+  apart at 128x128x64 in bfloat16; a power-of-two stride like that can crowd a few of
+  the GPU's memory channels (a suspicion, not yet timed: bench/RESULTS.md)."""
+  return chunks, batch
+
+
 def _call(kernel, out_shape, grid, in_specs, out_specs, interpret, tiling: Tiling):
   params = plt.CompilerParams(num_warps=tiling.num_warps, num_stages=tiling.num_stages)
   return pl.pallas_call(
@@ -142,22 +160,22 @@ def _call(kernel, out_shape, grid, in_specs, out_specs, interpret, tiling: Tilin
 
 def _rows(chunk, width):
   """BlockSpec of one image's chunk of positions of an array [B, N, width]."""
-  return pl.BlockSpec((None, chunk, width), lambda b, s: (b, s, 0))
+  return pl.BlockSpec((None, chunk, width), lambda s, b: (b, s, 0))
 
 
 def _per_image_chunk(shape):
   """BlockSpec of one image's chunk of an array [B, S, *shape] (its own output slot)."""
-  return pl.BlockSpec((None, None) + shape, lambda b, s: (b, s) + (0,) * len(shape))
+  return pl.BlockSpec((None, None) + shape, lambda s, b: (b, s) + (0,) * len(shape))
 
 
 def _per_image(shape):
   """BlockSpec of one image's whole entry of an array [B, *shape]."""
-  return pl.BlockSpec((None,) + shape, lambda b, s: (b,) + (0,) * len(shape))
+  return pl.BlockSpec((None,) + shape, lambda s, b: (b,) + (0,) * len(shape))
 
 
 def _whole(shape):
   """BlockSpec of a weight every program reads whole."""
-  return pl.BlockSpec(shape, lambda b, s: (0,) * len(shape))
+  return pl.BlockSpec(shape, lambda s, b: (0,) * len(shape))
 
 
 # --- Pass 1: the keys' statistics over positions. -------------------------------------
@@ -173,8 +191,8 @@ def _key_statistics_kernel(y_ref, w_k_ref, max_ref, sum_ref, weighted_ref, *, bl
     y = y_ref[pl.ds(i * block, block), :]                 # [block, C]
     k = _round(_dot(y, w_k), dtype)                        # [block, hidden]
     new_max = jnp.maximum(k_max, jnp.max(k, axis=0))
-    rescale = jnp.exp(k_max - new_max)
-    exp_k = jnp.exp(k - new_max[None, :])
+    rescale = _exp_minus(k_max, new_max)
+    exp_k = _exp_minus(k, new_max[None, :])
     total = total * rescale + jnp.sum(exp_k, axis=0)
     weighted = weighted * rescale[:, None] + _dot(exp_k.astype(dtype), y, (0, 0))
     return new_max, total, weighted
@@ -201,7 +219,7 @@ def _key_statistics_grad_kernel(y_ref, w_k_ref, max_ref, d_sum_ref, d_weighted_r
   def step(i, d_w_k):
     rows = pl.ds(i * block, block)
     y = y_ref[rows, :]
-    exp_k = jnp.exp(_round(_dot(y, w_k), dtype) - k_max[None, :])
+    exp_k = _exp_minus(_round(_dot(y, w_k), dtype), k_max[None, :])
     d_exp = d_sum[None, :] + _dot(y, d_weighted, (1, 1))  # [block, hidden]
     d_k = (exp_k * d_exp).astype(dtype)
     dy = _dot(exp_k.astype(dtype), d_weighted) + _dot(d_k, w_k, (1, 1))
@@ -234,7 +252,7 @@ def _key_statistics_fwd(y, w_k, chunk, interpret):
       out_shape=(jax.ShapeDtypeStruct((b, chunks, hidden), f32),
                  jax.ShapeDtypeStruct((b, chunks, hidden), f32),
                  jax.ShapeDtypeStruct((b, chunks, hidden, c), f32)),
-      grid=(b, chunks),
+      grid=_grid(b, chunks),
       in_specs=[_rows(chunk, c), _whole((c, hidden))],
       out_specs=(_per_image_chunk((hidden,)), _per_image_chunk((hidden,)),
                  _per_image_chunk((hidden, c))),
@@ -253,7 +271,7 @@ def _key_statistics_bwd(chunk, interpret, residuals, cotangents):
       functools.partial(_key_statistics_grad_kernel, block=block),
       out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype),
                  jax.ShapeDtypeStruct((b, chunks, c, hidden), jnp.float32)),
-      grid=(b, chunks),
+      grid=_grid(b, chunks),
       in_specs=[_rows(chunk, c), _whole((c, hidden)),
                 _per_image_chunk((hidden,)), _per_image_chunk((hidden,)),
                 _per_image_chunk((hidden, c))],
@@ -268,28 +286,28 @@ _key_statistics.defvjp(_key_statistics_fwd, _key_statistics_bwd)
 
 # --- Pass 2: each position's softmax_d(q) applied to its image's context. -------------
 
-def _per_head(x, reduce, dim_head):
-  """Each row's `reduce` (jnp.max or jnp.sum) over each head's dim_head columns of x
-  [rows, heads * d], broadcast back over that head's columns.
+def _head_sum(x, dim_head):
+  """Each row's sum over each head's dim_head columns of x [rows, heads * d], broadcast
+  back over that head's columns.
 
-  Masks over the columns keep every value 2-D, the layout Triton's dots and reductions
-  work in (a [rows, heads, d] reshape was not tried); the heads are few (4 in the
-  study), and each pass is elementwise over the block.
+  The reshape to one row per (position, head) lets Triton reduce within each head; the
+  first version masked the columns head by head, and its backward kernel ran ~1.6x the
+  instructions (SASS compiled for an H200, bench/RESULTS.md).
   """
-  head = jax.lax.broadcasted_iota(jnp.int32, (1, x.shape[1]), 1) // dim_head
-  fill = -jnp.inf if reduce is jnp.max else 0.0
-  result = jnp.zeros_like(x)
-  for h in range(x.shape[1] // dim_head):
-    in_head = head == h
-    value = reduce(jnp.where(in_head, x, fill), axis=1, keepdims=True)
-    result = jnp.where(in_head, value, result)
-  return result
+  rows, width = x.shape
+  by_head = x.reshape(rows * width // dim_head, dim_head)
+  return jnp.broadcast_to(jnp.sum(by_head, axis=1, keepdims=True),
+                          by_head.shape).reshape(rows, width)
 
 
 def _softmax_per_head(q, dim_head):
   """softmax over each head's dim_head columns of q [rows, heads * d], float32."""
-  exp_q = jnp.exp(q - _per_head(q, jnp.max, dim_head))
-  return exp_q / _per_head(exp_q, jnp.sum, dim_head)
+  rows, width = q.shape
+  by_head = q.reshape(rows * width // dim_head, dim_head)
+  exp_q = _exp_minus(by_head, jnp.max(by_head, axis=1, keepdims=True))
+  # One reciprocal per (position, head), not a float32 divide (several instructions) per
+  # element.
+  return (exp_q * (1.0 / jnp.sum(exp_q, axis=1, keepdims=True))).reshape(rows, width)
 
 
 def _apply_context_kernel(y_ref, w_q_ref, to_output_ref, out_ref, *, block, dim_head):
@@ -321,7 +339,7 @@ def _apply_context_grad_kernel(y_ref, w_q_ref, to_output_ref, d_out_ref,
     probs = _softmax_per_head(_round(_dot(y, w_q), dtype), dim_head)   # [block, hidden]
     d_probs = _dot(d_out, to_output, (1, 1))
     # softmax's backward, per head: d_q = p * (d_p - sum_head(p * d_p)).
-    d_q = probs * (d_probs - _per_head(probs * d_probs, jnp.sum, dim_head))
+    d_q = probs * (d_probs - _head_sum(probs * d_probs, dim_head))
     d_q = d_q.astype(dtype)
     dy_ref[rows, :] = _dot(d_q, w_q, (1, 1)).astype(dtype)
     return (d_w_q + _dot(y, d_q, (0, 0)),
@@ -349,7 +367,7 @@ def _apply_context_fwd(y, w_q, to_output, dim_head, chunk, interpret):
   out = _call(
       functools.partial(_apply_context_kernel, block=block, dim_head=dim_head),
       out_shape=jax.ShapeDtypeStruct((b, n, f), y.dtype),
-      grid=(b, chunks),
+      grid=_grid(b, chunks),
       in_specs=[_rows(chunk, c), _whole((c, hidden)),
                 _per_image((hidden, f))],
       out_specs=_rows(chunk, f),
@@ -368,7 +386,7 @@ def _apply_context_bwd(dim_head, chunk, interpret, residuals, d_out):
       out_shape=(jax.ShapeDtypeStruct(y.shape, y.dtype),
                  jax.ShapeDtypeStruct((b, chunks, c, hidden), jnp.float32),
                  jax.ShapeDtypeStruct((b, chunks, hidden, f), jnp.float32)),
-      grid=(b, chunks),
+      grid=_grid(b, chunks),
       in_specs=[_rows(chunk, c), _whole((c, hidden)),
                 _per_image((hidden, f)),
                 _rows(chunk, f)],
