@@ -1,11 +1,12 @@
 """Tests for the counts of bench/roofline.py (FLOPs against XLA's cost analysis, layer
-kinds from name stacks), bench/gpu_compile.py (bytes of a GPU program's kernels) and
-bench/profile.py (GPU kernels by the kind of work)."""
+kinds from name stacks), bench/gpu_compile.py (bytes of a GPU program's kernels), bench/kernel_sass.py (a
+kernel's loop in its SASS) and bench/profile.py (GPU kernels by the kind of work)."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from bench import kernel_sass
 from bench import profile
 from bench import roofline
 
@@ -145,3 +146,21 @@ def test_gpu_compile_charges_a_sliced_operand_what_the_slices_keep():
 ])
 def test_profile_sorts_gpu_kernels_by_the_work_they_do(kernel, kind):
   assert profile.work_kind(kernel) == kind
+
+
+def test_kernel_sass_takes_the_loop_up_to_its_backward_branch():
+  """A hand-written listing in cuobjdump's format: the loop is 0x0010-0x0040 (the
+  branch back to 0x0010); the forward branch inside it and the trailing self-branch
+  after EXIT are not loops."""
+  sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;                /* 0x00000a0000017a02 */
+        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;      /* 0x0000000402047981 */
+        /*0020*/               @P1 BRA 0x40 ;                            /* 0x0000000000001947 */
+        /*0030*/                   HMMA.16816.F32.BF16 R8, R4, R6, R8 ;  /* 0x000000060408723c */
+        /*0040*/               @P0 BRA 0x10 ;                            /* 0xfffffffc00fc0947 */
+        /*0050*/                   EXIT ;                                /* 0x000000000000794d */
+        /*0060*/                   BRA 0x60;                             /* 0xfffffffc00fc7947 */
+"""
+  assert kernel_sass._loop(sass) == [  # pylint: disable=protected-access
+      'LDG.E.128', 'BRA', 'HMMA.16816.F32.BF16', 'BRA']
+  assert not kernel_sass._loop(sass.replace('BRA 0x10', 'BRA 0x50'))  # pylint: disable=protected-access

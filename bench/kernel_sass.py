@@ -1,0 +1,179 @@
+"""The fused linear attention's Triton kernels compiled for an NVIDIA GPU on a machine
+without one: per kernel, its registers, spills, shared memory, occupancy and the machine
+instructions (SASS) of its loop per position.
+
+XLA compiles one linear-attention layer (forward and backward, `fused_linear_attention`)
+for a described card (as bench/gpu_compile.py does) and dumps each kernel's PTX; `ptxas`
+assembles it for the card, as XLA does, reporting registers and spills, and `cuobjdump`
+lists the SASS. Shared memory is estimated from the largest offset the kernel addresses
+(Triton allocates it dynamically, so no tool reports it). Occupancy follows from both:
+how many programs fit one SM's 64K registers and 227 KiB. Nothing runs: a kernel's time
+is for a GPU to measure (bench/linear_attention_kernels.py); bench/RESULTS.md records
+how far these counts went towards explaining it.
+
+Set-up, once (beside bench/gpu_compile.py's): ptxas and cuobjdump for CUDA 12, e.g.
+from Triton's wheel:
+  python -m pip download --no-deps -d /tmp/triton triton
+  unzip -j /tmp/triton/triton-*.whl 'triton/backends/nvidia/bin/*' -d .cuda_bin  # cuobjdump runs nvdisasm
+  PYTHONPATH=.gpu_compile JAX_PLATFORMS=cpu python -m bench.kernel_sass --cuda_bin .cuda_bin
+"""
+
+# pylint: disable=g-import-not-at-top,g-bad-import-order
+from bench import common  # First: sets the environment jax reads at import.
+
+import argparse
+import collections
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import topologies
+
+from bench import gpu_compile
+from eo_ddpm_jax import fused_linear_attention as fused
+
+MEMORY_SLOTS = 4  # The library's num_mem_kv.
+_ARCH = {'H100': 'sm_90a', 'H200': 'sm_90a', 'A100': 'sm_80'}
+_REGISTERS_PER_SM = 65536
+_SHARED_KIB_PER_SM = {'H100': 227, 'H200': 227, 'A100': 163}
+_MAX_WARPS_PER_SM = 64
+
+
+def parse_args(argv):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--card', choices=sorted(_ARCH), default='H200')
+  parser.add_argument('--batch', type=int, default=256)
+  parser.add_argument('--layers', default='16384x64,4096x128',
+                      help='Comma-separated POSITIONSxCHANNELS (the study at 128x128).')
+  parser.add_argument('--heads', type=int, default=4)
+  parser.add_argument('--dim_head', type=int, default=32)
+  parser.add_argument('--linear_attention_tilings', default='',
+                      help='NAME=ELEMENTS/WARPS/STAGES,... (bench/common.py); default: '
+                           "the kernels' own.")
+  parser.add_argument('--cuda_bin', default=os.environ.get('CUDA_BIN', ''),
+                      help='Folder with ptxas, cuobjdump and nvdisasm (default: on PATH).')
+  common.add_report_flags(parser)
+  return parser.parse_args(argv)
+
+
+def _tool(cuda_bin: str, name: str) -> str:
+  path = os.path.join(cuda_bin, name) if cuda_bin else shutil.which(name)
+  if not path or not os.path.exists(path):
+    raise SystemExit(f'{name} not found{" in " + cuda_bin if cuda_bin else " on PATH"}; '
+                     'see `python -m bench.kernel_sass --help` for where to get it.')
+  return path
+
+
+def compile_layer(args, topology, n: int, c: int) -> None:
+  """Compiles one layer's forward and backward for args.card (XLA dumps its PTX)."""
+  heads, d = args.heads, args.dim_head
+  sharding = jax.sharding.SingleDeviceSharding(topology.devices[0])
+
+  def loss(y, w_q, w_k, w_v, w_out, mem_kv):
+    out = fused.fused_linear_attention(y, w_q, w_k, w_v, w_out, mem_kv, d ** -0.5)
+    return jnp.sum(out.astype(jnp.float32) ** 2)
+
+  def spec(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+  jax.jit(jax.value_and_grad(loss, argnums=range(6))).lower(
+      spec((args.batch, n, c), jnp.bfloat16), spec((c, heads * d)), spec((c, heads * d)),
+      spec((c, heads, d)), spec((heads, d, c)), spec((2, MEMORY_SLOTS, heads, d))).compile()
+
+
+def _loop(sass: str) -> list[str]:
+  """The opcodes of the kernel's innermost loop: from the target of its last backward
+  branch to that branch (the kernels each have one loop over their chunk's rows)."""
+  lines = re.findall(r'/\*([0-9a-f]{4,})\*/\s+((?:@!?U?P\w+ )?)([A-Z][\w.]*)([^;]*);', sass)
+  start = end = None
+  for address, _, opcode, operands in lines:
+    target = re.search(r'0x([0-9a-f]+)', operands)
+    if opcode == 'BRA' and target and int(target.group(1), 16) < int(address, 16):
+      start, end = int(target.group(1), 16), int(address, 16)
+  if start is None:
+    return []
+  return [opcode for address, _, opcode, _ in lines if start <= int(address, 16) <= end]
+
+
+def analyse(ptx_path: str, args) -> dict:
+  """One kernel's counts from its PTX file."""
+  ptx = open(ptx_path, encoding='utf-8').read()
+  cubin = ptx_path[:-len('.ptx')] + '.cubin'
+  assembled = subprocess.run(
+      [_tool(args.cuda_bin, 'ptxas'), '-v', f'-arch={_ARCH[args.card]}', ptx_path, '-o',
+       cubin], capture_output=True, text=True, check=True).stderr
+  sass = subprocess.run([_tool(args.cuda_bin, 'cuobjdump'), '-sass', cubin],
+                        capture_output=True, text=True, check=True).stdout
+  registers = int(re.search(r'Used (\d+) registers', assembled).group(1))
+  spills = int(re.search(r'(\d+) bytes spill stores', assembled).group(1))
+  warps = int(re.search(r'\.reqntid (\d+)', ptx).group(1)) // 32
+  offsets = [int(o) for line in ptx.splitlines()
+             if re.search(r'(st|ld)\.shared|cp\.async|ldmatrix|stmatrix', line)
+             for o in re.findall(r'\+(\d+)\]', line)]
+  shared_kib = (max(offsets) + 16) / 1024 if offsets else 0.0
+  # Registers are allocated per warp in blocks of 256 (8 per thread).
+  by_registers = _REGISTERS_PER_SM // (-(-registers // 8) * 8 * 32 * warps)
+  by_shared = int(_SHARED_KIB_PER_SM[args.card] // shared_kib) if shared_kib else 99
+  programs = min(by_registers, by_shared, _MAX_WARPS_PER_SM // warps)
+  return dict(name=re.search(r'\.entry (\w+)', ptx).group(1), warps=warps,
+              registers=registers, spills=spills, shared_kib=shared_kib,
+              warps_per_sm=programs * warps, loop=_loop(sass))
+
+
+def main(argv):
+  args = parse_args(argv)
+  common.set_linear_attention_tilings(args.linear_attention_tilings)
+  # XLA reads its flags when its first backend starts, which is below: the PTX dump.
+  dump_dir = tempfile.mkdtemp(prefix='kernel_sass_')
+  user_flags = os.environ.get('XLA_FLAGS', '')
+  os.environ['XLA_FLAGS'] = f'{user_flags} --xla_dump_to={dump_dir}'
+  topology = topologies.get_topology_desc(
+      platform='cuda', topology='1x1x1',
+      target_config=gpu_compile._TARGET_CONFIG.format(**gpu_compile.CARDS[args.card]))  # pylint: disable=protected-access
+  rows = []
+  for layer in args.layers.split(','):
+    n, c = (int(v) for v in layer.split('x'))
+    seen = set(glob.glob(f'{dump_dir}/*.ptx'))
+    compile_layer(args, topology, n, c)
+    for path in sorted(set(glob.glob(f'{dump_dir}/*.ptx')) - seen):
+      if not re.search(r'\.entry _\w+_kernel\b', open(path, encoding='utf-8').read()):
+        continue  # One of XLA's own kernels.
+      k = analyse(path, args)
+      kernel = k['name'][1:-len('_kernel')]
+      tiling = fused.TILINGS[kernel]
+      step_rows = fused._layout(n, None, c, tiling)[1]  # pylint: disable=protected-access
+      mix = collections.Counter(k['loop']).most_common(4)
+      rows.append([f'{n}x{c}', kernel,
+                   f'{tiling.block_elements}/{tiling.num_warps}/{tiling.num_stages or 0}',
+                   step_rows, k['registers'], k['spills'], f'{k["shared_kib"]:.0f}',
+                   k['warps_per_sm'], len(k['loop']),
+                   f'{len(k["loop"]) * k["warps"] / step_rows:.1f}',
+                   ' '.join(f'{op.split(".")[0]} {count}' for op, count in mix)])
+  shutil.rmtree(dump_dir, ignore_errors=True)
+  os.environ['XLA_FLAGS'] = user_flags  # The report's command line: the user's.
+  table = common.markdown_table(
+      ['positions x channels', 'kernel', 'tiling', 'rows per step', 'registers',
+       'spill bytes', 'shared KiB (est.)', 'warps per SM', 'loop instructions',
+       'warp instructions per position', 'most frequent in the loop'], rows)
+  common.report(
+      f'Fused linear attention kernels compiled for an {args.card} (SASS, no GPU), '
+      f'batch {args.batch}', table,
+      [f'{args.heads} heads x {args.dim_head}; bfloat16; kernels of one layer\'s forward '
+       'and backward, compiled by XLA for a described card (jax.experimental.topologies), '
+       'assembled by ptxas for ' + _ARCH[args.card] + '. Nothing ran: no timings.',
+       'Warps per SM: the programs that fit one SM by registers and the estimated shared '
+       'memory, times the warps of each. Warp instructions per position: the loop\'s '
+       'instructions x warps / rows per step.',
+       args.note],
+      args.results)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])
