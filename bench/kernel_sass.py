@@ -7,18 +7,18 @@ for a described card (as bench/gpu_compile.py does) and dumps each kernel's PTX;
 assembles it for the card, as XLA does, reporting registers and spills, and `cuobjdump`
 lists the SASS. Shared memory is estimated from the largest offset the kernel addresses
 (Triton allocates it dynamically, so no tool reports it). Occupancy follows from both:
-how many programs fit one SM's 64K registers and 227 KiB. Nothing runs: a kernel's time
+how many programs fit one SM's 64K registers and its shared memory. Nothing runs: a kernel's time
 is for a GPU to measure (bench/linear_attention_kernels.py); bench/RESULTS.md records
 how far these counts went towards explaining it.
 
-Set-up, once (beside bench/gpu_compile.py's): ptxas and cuobjdump for CUDA 12, e.g.
-from Triton's wheel:
+Set-up, once (beside bench/gpu_compile.py's): ptxas, cuobjdump and the nvdisasm it
+runs, for CUDA 12, e.g. from Triton's wheel:
   python -m pip download --no-deps -d /tmp/triton triton
-  unzip -j /tmp/triton/triton-*.whl 'triton/backends/nvidia/bin/*' -d .cuda_bin  # cuobjdump runs nvdisasm
+  unzip -j /tmp/triton/triton-*.whl 'triton/backends/nvidia/bin/*' -d .cuda_bin
   PYTHONPATH=.gpu_compile JAX_PLATFORMS=cpu python -m bench.kernel_sass --cuda_bin .cuda_bin
 """
 
-# pylint: disable=g-import-not-at-top,g-bad-import-order
+# pylint: disable=g-import-not-at-top,g-bad-import-order,protected-access
 from bench import common  # First: sets the environment jax reads at import.
 
 import argparse
@@ -136,7 +136,7 @@ def main(argv):
   os.environ['XLA_FLAGS'] = f'{user_flags} --xla_dump_to={dump_dir}'
   topology = topologies.get_topology_desc(
       platform='cuda', topology='1x1x1',
-      target_config=gpu_compile._TARGET_CONFIG.format(**gpu_compile.CARDS[args.card]))  # pylint: disable=protected-access
+      target_config=gpu_compile._TARGET_CONFIG.format(**gpu_compile.CARDS[args.card]))
   rows = []
   for layer in args.layers.split(','):
     n, c = (int(v) for v in layer.split('x'))
@@ -148,14 +148,15 @@ def main(argv):
       k = analyse(path, args)
       kernel = k['name'][1:-len('_kernel')]
       tiling = fused.TILINGS[kernel]
-      step_rows = fused._layout(n, None, c, tiling)[1]  # pylint: disable=protected-access
-      mix = collections.Counter(k['loop']).most_common(4)
+      step_rows = fused._layout(n, None, c, tiling)[1]
+      mix = collections.Counter(op.split('.')[0] for op in k['loop']).most_common(4)
+      per_position = (f'{len(k["loop"]) * k["warps"] / step_rows:.1f}' if k['loop'] else
+                      'no loop found')
       rows.append([f'{n}x{c}', kernel,
                    f'{tiling.block_elements}/{tiling.num_warps}/{tiling.num_stages or 0}',
                    step_rows, k['registers'], k['spills'], f'{k["shared_kib"]:.0f}',
                    k['warps_per_sm'], len(k['loop']),
-                   f'{len(k["loop"]) * k["warps"] / step_rows:.1f}',
-                   ' '.join(f'{op.split(".")[0]} {count}' for op, count in mix)])
+                   per_position, ' '.join(f'{op} {count}' for op, count in mix)])
   shutil.rmtree(dump_dir, ignore_errors=True)
   os.environ['XLA_FLAGS'] = user_flags  # The report's command line: the user's.
   table = common.markdown_table(

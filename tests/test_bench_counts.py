@@ -1,6 +1,7 @@
 """Tests for the counts of bench/roofline.py (FLOPs against XLA's cost analysis, layer
-kinds from name stacks), bench/gpu_compile.py (bytes of a GPU program's kernels), bench/kernel_sass.py (a
-kernel's loop in its SASS) and bench/profile.py (GPU kernels by the kind of work)."""
+kinds from name stacks), bench/gpu_compile.py (bytes of a GPU program's kernels),
+bench/kernel_sass.py (a kernel's loop in its SASS) and bench/profile.py (GPU kernels by
+the kind of work)."""
 
 import jax
 import jax.numpy as jnp
@@ -161,6 +162,6 @@ def test_kernel_sass_takes_the_loop_up_to_its_backward_branch():
         /*0050*/                   EXIT ;                                /* 0x000000000000794d */
         /*0060*/                   BRA 0x60;                             /* 0xfffffffc00fc7947 */
 """
-  assert kernel_sass._loop(sass) == [  # pylint: disable=protected-access
-      'LDG.E.128', 'BRA', 'HMMA.16816.F32.BF16', 'BRA']
-  assert not kernel_sass._loop(sass.replace('BRA 0x10', 'BRA 0x50'))  # pylint: disable=protected-access
+  loop = kernel_sass._loop  # pylint: disable=protected-access
+  assert loop(sass) == ['LDG.E.128', 'BRA', 'HMMA.16816.F32.BF16', 'BRA']
+  assert not loop(sass.replace('BRA 0x10', 'BRA 0x50'))
