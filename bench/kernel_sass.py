@@ -5,11 +5,11 @@ instructions (SASS) of its loop per position.
 XLA compiles one linear-attention layer (forward and backward, `fused_linear_attention`)
 for a described card (as bench/gpu_compile.py does) and dumps each kernel's PTX; `ptxas`
 assembles it for the card, as XLA does, reporting registers and spills, and `cuobjdump`
-lists the SASS. Shared memory is estimated from the largest offset the kernel addresses
-(Triton allocates it dynamically, so no tool reports it). Occupancy follows from both:
-how many programs fit one SM's 64K registers and its shared memory. Nothing runs: a kernel's time
-is for a GPU to measure (bench/linear_attention_kernels.py); bench/RESULTS.md records
-how far these counts went towards explaining it.
+lists the SASS; Triton's own IR dump gives the shared memory it allocates. Occupancy
+follows: how many programs fit one SM's 64K registers and its shared memory. Nothing
+runs: a kernel's time is for a GPU to measure (bench/linear_attention_kernels.py);
+bench/RESULTS.md records how far these counts went towards explaining it. Works with the
+GPU compiler of jax 0.10 and 0.11.
 
 Set-up, once (beside bench/gpu_compile.py's): ptxas, cuobjdump and the nvdisasm it
 runs, for CUDA 12, e.g. from Triton's wheel:
@@ -37,11 +37,13 @@ from jax.experimental import topologies
 
 from bench import gpu_compile
 from eo_ddpm_jax import fused_linear_attention as fused
+from eo_ddpm_jax import train_step as train_lib
 
 MEMORY_SLOTS = 4  # The library's num_mem_kv.
 _ARCH = {'H100': 'sm_90a', 'H200': 'sm_90a', 'A100': 'sm_80'}
 _REGISTERS_PER_SM = 65536
-_SHARED_KIB_PER_SM = {'H100': 227, 'H200': 227, 'A100': 163}
+# Shared memory per SM (datasheets); CUDA reserves 1 KiB of it per resident block.
+_SHARED_KIB_PER_SM = {'H100': 228, 'H200': 228, 'A100': 164}
 _MAX_WARPS_PER_SM = 64
 
 
@@ -83,9 +85,13 @@ def compile_layer(args, topology, n: int, c: int) -> None:
   def spec(shape, dtype=jnp.float32):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
-  jax.jit(jax.value_and_grad(loss, argnums=range(6))).lower(
-      spec((args.batch, n, c), jnp.bfloat16), spec((c, heads * d)), spec((c, heads * d)),
-      spec((c, heads, d)), spec((heads, d, c)), spec((2, MEMORY_SLOTS, heads, d))).compile()
+  # Lowered under the card's mesh: from jax 0.11 Pallas asks the context mesh which GPU
+  # it compiles for when no GPU is attached.
+  mesh = train_lib.make_mesh(topology.devices)
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    jax.jit(jax.value_and_grad(loss, argnums=range(6))).lower(
+        spec((args.batch, n, c), jnp.bfloat16), spec((c, heads * d)), spec((c, heads * d)),
+        spec((c, heads, d)), spec((heads, d, c)), spec((2, MEMORY_SLOTS, heads, d))).compile()
 
 
 def _loop(sass: str) -> list[str]:
@@ -102,9 +108,20 @@ def _loop(sass: str) -> list[str]:
   return [opcode for address, _, opcode, _ in lines if start <= int(address, 16) <= end]
 
 
-def analyse(ptx_path: str, args) -> dict:
-  """One kernel's counts from its PTX file."""
+def _shared_bytes(dump_dir: str, kernel_name: str) -> int:
+  """The shared memory Triton allocated for the kernel (`ttg.shared` in its IR dump)."""
+  for path in glob.glob(f'{dump_dir}/*.{kernel_name}.triton-to-llvm.txt'):
+    found = re.findall(r'ttg\.shared = (\d+)', open(path, encoding='utf-8').read())
+    if found:
+      return int(found[-1])
+  raise SystemExit(f'No Triton IR dump for {kernel_name} in {dump_dir}: this XLA may name '
+                   'its dumps differently.')
+
+
+def analyse(ptx_path: str, dump_dir: str, args) -> dict:
+  """One kernel's counts from its PTX file and Triton's IR dump beside it."""
   ptx = open(ptx_path, encoding='utf-8').read()
+  name = re.search(r'\.entry (\w+)', ptx).group(1)
   cubin = ptx_path[:-len('.ptx')] + '.cubin'
   assembled = subprocess.run(
       [_tool(args.cuda_bin, 'ptxas'), '-v', f'-arch={_ARCH[args.card]}', ptx_path, '-o',
@@ -114,15 +131,12 @@ def analyse(ptx_path: str, args) -> dict:
   registers = int(re.search(r'Used (\d+) registers', assembled).group(1))
   spills = int(re.search(r'(\d+) bytes spill stores', assembled).group(1))
   warps = int(re.search(r'\.reqntid (\d+)', ptx).group(1)) // 32
-  offsets = [int(o) for line in ptx.splitlines()
-             if re.search(r'(st|ld)\.shared|cp\.async|ldmatrix|stmatrix', line)
-             for o in re.findall(r'\+(\d+)\]', line)]
-  shared_kib = (max(offsets) + 16) / 1024 if offsets else 0.0
+  shared_kib = _shared_bytes(dump_dir, name) / 1024
   # Registers are allocated per warp in blocks of 256 (8 per thread).
   by_registers = _REGISTERS_PER_SM // (-(-registers // 8) * 8 * 32 * warps)
-  by_shared = int(_SHARED_KIB_PER_SM[args.card] // shared_kib) if shared_kib else 99
+  by_shared = int(_SHARED_KIB_PER_SM[args.card] // (shared_kib + 1))
   programs = min(by_registers, by_shared, _MAX_WARPS_PER_SM // warps)
-  return dict(name=re.search(r'\.entry (\w+)', ptx).group(1), warps=warps,
+  return dict(name=name, warps=warps,
               registers=registers, spills=spills, shared_kib=shared_kib,
               warps_per_sm=programs * warps, loop=_loop(sass))
 
@@ -133,7 +147,8 @@ def main(argv):
   # XLA reads its flags when its first backend starts, which is below: the PTX dump.
   dump_dir = tempfile.mkdtemp(prefix='kernel_sass_')
   user_flags = os.environ.get('XLA_FLAGS', '')
-  os.environ['XLA_FLAGS'] = f'{user_flags} --xla_dump_to={dump_dir}'
+  os.environ['XLA_FLAGS'] = (f'{user_flags} --xla_dump_to={dump_dir} '
+                             '--xla_dump_emitter_re=.*')  # .*: PTX and Triton's IR.
   topology = topologies.get_topology_desc(
       platform='cuda', topology='1x1x1',
       target_config=gpu_compile._TARGET_CONFIG.format(**gpu_compile.CARDS[args.card]))
@@ -145,7 +160,7 @@ def main(argv):
     for path in sorted(set(glob.glob(f'{dump_dir}/*.ptx')) - seen):
       if not re.search(r'\.entry _\w+_kernel\b', open(path, encoding='utf-8').read()):
         continue  # One of XLA's own kernels.
-      k = analyse(path, args)
+      k = analyse(path, dump_dir, args)
       kernel = k['name'][1:-len('_kernel')]
       tiling = fused.TILINGS[kernel]
       step_rows = fused._layout(n, None, c, tiling)[1]
@@ -161,7 +176,7 @@ def main(argv):
   os.environ['XLA_FLAGS'] = user_flags  # The report's command line: the user's.
   table = common.markdown_table(
       ['positions x channels', 'kernel', 'tiling', 'rows per step', 'registers',
-       'spill bytes', 'shared KiB (est.)', 'warps per SM', 'loop instructions',
+       'spill bytes', 'shared KiB', 'warps per SM', 'loop instructions',
        'warp instructions per position', 'most frequent in the loop'], rows)
   common.report(
       f'Fused linear attention kernels compiled for an {args.card} (SASS, no GPU), '
@@ -169,8 +184,8 @@ def main(argv):
       [f'{args.heads} heads x {args.dim_head}; bfloat16; kernels of one layer\'s forward '
        'and backward, compiled by XLA for a described card (jax.experimental.topologies), '
        'assembled by ptxas for ' + _ARCH[args.card] + '. Nothing ran: no timings.',
-       'Warps per SM: the programs that fit one SM by registers and the estimated shared '
-       'memory, times the warps of each. Warp instructions per position: the loop\'s '
+       'Warps per SM: the programs that fit one SM by registers and shared memory, times '
+       'the warps of each. Warp instructions per position: the loop\'s '
        'instructions x warps / rows per step.',
        args.note],
       args.results)
