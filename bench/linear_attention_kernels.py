@@ -142,12 +142,23 @@ def layer_call(inputs, dim_head, impl):
   return forward_backward, (inputs['d_out'],) + tuple(inputs[n] for n in names)
 
 
+def lower_afresh(fn, args):
+  """jax.jit(fn) lowered with the current fused_linear_attention.TILINGS.
+
+  JAX caches a function's trace by the function, not by module state: without clearing
+  its caches, every tiling after the first reuses the first one's kernels (this script
+  did until session 17, so its earlier per-kernel rows all timed the default tilings).
+  """
+  jax.clear_caches()
+  return jax.jit(fn).lower(*args)
+
+
 def time_call(fn, args, calls, repeats):
   """(median seconds per call, compile seconds), or (None, reason) when it fails to
   compile or run (e.g. a tiling that asks for more shared memory than the GPU has)."""
   try:
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = lower_afresh(fn, args).compile()
     compile_s = time.perf_counter() - start
     jax.block_until_ready(compiled(*args))
   except Exception as error:  # pylint: disable=broad-except
