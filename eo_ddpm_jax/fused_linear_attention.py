@@ -16,9 +16,9 @@ Each has a hand-written backward that again recomputes q or k from y, so no [B, 
 heads*d] tensor is ever stored. One 128x128 layer at batch 256, forward and backward,
 moves 8.6 GB against 35.9 GB in XLA (compiled for an H100, bench/RESULTS.md); on an
 H200 it ran in 8.4 ms against XLA's 8.9 ms, far from what its bytes would allow, and
-the batch-256 train step peaked at 30.3 GiB against 40.4. Their time did not follow
-their instruction counts or occupancy, which varied 2-4x over the tilings timed
-(bench/kernel_sass.py); what bounds it is not yet known.
+the batch-256 train step peaked at 30.3 GiB against 40.4. bench/kernel_sass.py counts
+their registers, occupancy and instructions without a GPU; what bounds their time is
+not yet measured.
 
 The numbers follow `unet.linear_attention`'s precision: q and k are rounded to y's dtype
 before their softmaxes, the exponentials and GEMM operands are in y's dtype, and the
@@ -53,8 +53,9 @@ class Tiling:
     output), so wider layers take fewer rows (at most the chunk). Shared memory bounds
     it: the defaults compile for the A100, H100 and H200 (bench/gpu_compile.py); the
     first version of these kernels, at 64 rows of 128 channels, asked an H100 for 248
-    KiB (it has 227 per block). On an H200 the alternatives ran within 1-4% of the
-    defaults (bench/linear_attention_kernels.py).
+    KiB (it has 227 per block). The alternatives are yet to be timed on a GPU
+    (bench/linear_attention_kernels.py; until session 17 its sweep timed the defaults
+    only).
   num_warps: Triton warps per program.
   num_stages: Triton's software-pipelining stages for the loop (None: its default).
   """
