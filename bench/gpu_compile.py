@@ -86,18 +86,22 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def compile_for_gpu(args):
-  """The train step compiled for args.card; returns (compiled, compile seconds, (full
-  attention, linear attention) kernels as resolved for the GPU)."""
+def gpu_topology(card: str):
+  """One described `card` (a key of CARDS) for XLA to compile for, without the device."""
   try:
-    topology = topologies.get_topology_desc(
-        platform='cuda', topology='1x1x1',
-        target_config=_TARGET_CONFIG.format(**CARDS[args.card]))
+    return topologies.get_topology_desc(
+        platform='cuda', topology='1x1x1', target_config=_TARGET_CONFIG.format(**CARDS[card]))
   except Exception as error:  # pylint: disable=broad-except
     raise SystemExit(
         f'Cannot compile for a GPU here ({type(error).__name__}: {error}). Install the '
         'GPU compiler beside this jax (see `python -m bench.gpu_compile --help`) and put '
         'it on PYTHONPATH.') from error
+
+
+def compile_for_gpu(args):
+  """The train step compiled for args.card; returns (compiled, compile seconds, (full
+  attention, linear attention) kernels as resolved for the GPU)."""
+  topology = gpu_topology(args.card)
   # 'auto' resolves for the GPU, not for this machine's backend.
   attention = train_lib.attention_impl(args.attention_impl, args.precision, backend='gpu')
   linear = train_lib.linear_attention_impl(

@@ -33,24 +33,27 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import topologies
 
 from bench import gpu_compile
 from eo_ddpm_jax import fused_linear_attention as fused
 from eo_ddpm_jax import train_step as train_lib
 
 MEMORY_SLOTS = 4  # The library's num_mem_kv.
-_ARCH = {'H100': 'sm_90a', 'H200': 'sm_90a', 'A100': 'sm_80'}
 _REGISTERS_PER_SM = 65536
-# Shared memory per SM (datasheets); CUDA reserves 1 KiB of it per resident block.
-_SHARED_KIB_PER_SM = {'H100': 228, 'H200': 228, 'A100': 164}
 _MAX_WARPS_PER_SM = 64
+_RESERVED_SHARED_KIB_PER_BLOCK = 1  # CUDA's, out of each SM's shared memory.
+
+
+def _arch(card: str) -> str:
+  """ptxas's target for the card: sm_90a (Hopper, with its wgmma) or sm_80."""
+  major = gpu_compile.CARDS[card]['major']
+  return f'sm_{major}0a' if major >= 9 else f'sm_{major}0'
 
 
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument('--card', choices=sorted(_ARCH), default='H200')
+  parser.add_argument('--card', choices=sorted(gpu_compile.CARDS), default='H200')
   parser.add_argument('--batch', type=int, default=256)
   parser.add_argument('--layers', default='16384x64,4096x128',
                       help='Comma-separated POSITIONSxCHANNELS (the study at 128x128).')
@@ -124,7 +127,7 @@ def analyse(ptx_path: str, dump_dir: str, args) -> dict:
   name = re.search(r'\.entry (\w+)', ptx).group(1)
   cubin = ptx_path[:-len('.ptx')] + '.cubin'
   assembled = subprocess.run(
-      [_tool(args.cuda_bin, 'ptxas'), '-v', f'-arch={_ARCH[args.card]}', ptx_path, '-o',
+      [_tool(args.cuda_bin, 'ptxas'), '-v', f'-arch={_arch(args.card)}', ptx_path, '-o',
        cubin], capture_output=True, text=True, check=True).stderr
   sass = subprocess.run([_tool(args.cuda_bin, 'cuobjdump'), '-sass', cubin],
                         capture_output=True, text=True, check=True).stdout
@@ -134,7 +137,8 @@ def analyse(ptx_path: str, dump_dir: str, args) -> dict:
   shared_kib = _shared_bytes(dump_dir, name) / 1024
   # Registers are allocated per warp in blocks of 256 (8 per thread).
   by_registers = _REGISTERS_PER_SM // (-(-registers // 8) * 8 * 32 * warps)
-  by_shared = int(_SHARED_KIB_PER_SM[args.card] // (shared_kib + 1))
+  shared_kib_per_sm = gpu_compile.CARDS[args.card]['shared_per_core'] / 1024
+  by_shared = int(shared_kib_per_sm // (shared_kib + _RESERVED_SHARED_KIB_PER_BLOCK))
   programs = min(by_registers, by_shared, _MAX_WARPS_PER_SM // warps)
   return dict(name=name, warps=warps,
               registers=registers, spills=spills, shared_kib=shared_kib,
@@ -149,9 +153,7 @@ def main(argv):
   user_flags = os.environ.get('XLA_FLAGS', '')
   os.environ['XLA_FLAGS'] = (f'{user_flags} --xla_dump_to={dump_dir} '
                              '--xla_dump_emitter_re=.*')  # .*: PTX and Triton's IR.
-  topology = topologies.get_topology_desc(
-      platform='cuda', topology='1x1x1',
-      target_config=gpu_compile._TARGET_CONFIG.format(**gpu_compile.CARDS[args.card]))
+  topology = gpu_compile.gpu_topology(args.card)
   rows = []
   for layer in args.layers.split(','):
     n, c = (int(v) for v in layer.split('x'))
@@ -183,7 +185,7 @@ def main(argv):
       f'batch {args.batch}', table,
       [f'{args.heads} heads x {args.dim_head}; bfloat16; kernels of one layer\'s forward '
        'and backward, compiled by XLA for a described card (jax.experimental.topologies), '
-       'assembled by ptxas for ' + _ARCH[args.card] + '. Nothing ran: no timings.',
+       f'assembled by ptxas for {_arch(args.card)}. Nothing ran: no timings.',
        'Warps per SM: the programs that fit one SM by registers and shared memory, times '
        'the warps of each. Warp instructions per position: the loop\'s '
        'instructions x warps / rows per step.',

@@ -146,8 +146,8 @@ def lower_afresh(fn, args):
   """jax.jit(fn) lowered with the current fused_linear_attention.TILINGS.
 
   JAX caches a function's trace by the function, not by module state: without clearing
-  its caches, every tiling after the first reuses the first one's kernels (this script
-  did until session 17, so its earlier per-kernel rows all timed the default tilings).
+  its caches, every tiling after the first reuses the first one's kernels (so this
+  script's earlier per-kernel rows all timed the default tilings, bench/RESULTS.md).
   """
   jax.clear_caches()
   return jax.jit(fn).lower(*args)

@@ -54,8 +54,8 @@ class Tiling:
     it: the defaults compile for the A100, H100 and H200 (bench/gpu_compile.py); the
     first version of these kernels, at 64 rows of 128 channels, asked an H100 for 248
     KiB (it has 227 per block). The alternatives are yet to be timed on a GPU
-    (bench/linear_attention_kernels.py; until session 17 its sweep timed the defaults
-    only).
+    (bench/linear_attention_kernels.py; its earlier sweeps timed the defaults only,
+    bench/RESULTS.md).
   num_warps: Triton warps per program.
   num_stages: Triton's software-pipelining stages for the loop (None: its default).
   """
