@@ -83,7 +83,7 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                            'auto: triton for bfloat16 on an A100, H100 or H200, else xla).')
   parser.add_argument('--linear_attention_tilings', default='',
                       help='With the Triton kernels: NAME=ELEMENTS/WARPS/STAGES,... to '
-                           'replace fused_linear_attention.TILINGS entries (as written by '
+                           'replace entries of fused_linear_attention.tilings() (as written by '
                            'bench/linear_attention_kernels.py --best_to).')
   parser.add_argument('--timesteps', type=int, default=500, help='Diffusion steps T.')
   parser.add_argument('--schedule', default='sigmoid', help='Beta schedule name.')
@@ -140,21 +140,23 @@ def study_config(args: argparse.Namespace, batch_size: int):
 
 
 def set_linear_attention_tilings(text: str) -> None:
-  """Replaces fused_linear_attention.TILINGS entries from 'NAME=ELEMENTS/WARPS/STAGES,...'
-  (STAGES 0: Triton's default); '' keeps the defaults. For this process's benchmark only."""
+  """Replaces entries of the target GPU's tilings (fused_linear_attention.tilings()) from
+  'NAME=ELEMENTS/WARPS/STAGES,...' (STAGES 0: Triton's default); '' keeps the defaults.
+  For this process's benchmark only."""
   from eo_ddpm_jax import fused_linear_attention as fused  # pylint: disable=g-import-not-at-top
   for item in filter(None, text.split(',')):
     name, _, value = item.partition('=')
-    if name not in fused.TILINGS:
+    table = fused.tilings()
+    if name not in table:
       raise SystemExit(f'--linear_attention_tilings: unknown kernel {name!r}; one of '
-                       f'{sorted(fused.TILINGS)}.')
+                       f'{sorted(table)}.')
     try:
       elements, warps, stages = (int(v) for v in value.split('/'))
     except ValueError:
       raise SystemExit(f'--linear_attention_tilings: {item!r} is not '
                        'NAME=ELEMENTS/WARPS/STAGES (integers; STAGES 0 for the '
                        'default).') from None
-    fused.TILINGS[name] = fused.Tiling(elements, warps, stages or None)
+    table[name] = fused.Tiling(elements, warps, stages or None)
 
 
 def make_schedule(diffusion_config, timesteps: int | None = None):

@@ -34,6 +34,7 @@ import jax
 from jax.experimental import topologies
 
 from bench import roofline
+from eo_ddpm_jax import fused_linear_attention as fused
 from eo_ddpm_jax import train_step as train_lib
 
 # The GPUs' descriptions for XLA's compiler (public datasheet figures; XLA's GPU
@@ -102,11 +103,13 @@ def compile_for_gpu(args):
   """The train step compiled for args.card; returns (compiled, compile seconds, (full
   attention, linear attention) kernels as resolved for the GPU)."""
   topology = gpu_topology(args.card)
-  # 'auto' resolves for the GPU, not for this machine's backend.
+  capability = f'{CARDS[args.card]["major"]}.0'
+  # 'auto' and the fused kernels' tilings resolve for the GPU, not this machine's backend.
+  fused.TARGET_COMPUTE_CAPABILITY = capability
   attention = train_lib.attention_impl(args.attention_impl, args.precision, backend='gpu')
   linear = train_lib.linear_attention_impl(
       args.linear_attention_impl, args.precision, backend='gpu',
-      compute_capability=f'{CARDS[args.card]["major"]}.0')
+      compute_capability=capability)
   step, state, batch = roofline.abstract_step(args, attention, linear)
   mesh = train_lib.make_mesh(topology.devices)
   jitted = train_lib.compile_train_step(step, mesh, train_lib.replicated_sharding(mesh, state),

@@ -147,6 +147,8 @@ def analyse(ptx_path: str, dump_dir: str, args) -> dict:
 
 def main(argv):
   args = parse_args(argv)
+  # The card's tilings, not this machine's (fused.tilings), before any are replaced.
+  fused.TARGET_COMPUTE_CAPABILITY = f'{gpu_compile.CARDS[args.card]["major"]}.0'
   common.set_linear_attention_tilings(args.linear_attention_tilings)
   # XLA reads its flags when its first backend starts, which is below: the PTX dump.
   dump_dir = tempfile.mkdtemp(prefix='kernel_sass_')
@@ -164,7 +166,7 @@ def main(argv):
         continue  # One of XLA's own kernels.
       k = analyse(path, dump_dir, args)
       kernel = k['name'][1:-len('_kernel')]
-      tiling = fused.TILINGS[kernel]
+      tiling = fused.tilings()[kernel]
       step_rows = fused._layout(n, None, c, tiling)[1]
       mix = collections.Counter(op.split('.')[0] for op in k['loop']).most_common(4)
       per_position = (f'{len(k["loop"]) * k["warps"] / step_rows:.1f}' if k['loop'] else

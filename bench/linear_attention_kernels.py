@@ -1,7 +1,7 @@
 """The fused linear attention's four Triton kernels, timed one Tiling at a time at the
 study's layer shapes, and the whole layer (forward and backward) against XLA's version.
 
-For each kernel (`fused_linear_attention.TILINGS`) it tries every rows-per-step and warp
+For each kernel (`fused_linear_attention.tilings()`) it tries every rows-per-step and warp
 count given, and the pipelining stages, with the other kernels at their defaults; the
 best per kernel is the one with the least time summed over the layer shapes. Then it
 times the layer, forward and backward, with the defaults, with the best tilings and in
@@ -143,7 +143,7 @@ def layer_call(inputs, dim_head, impl):
 
 
 def lower_afresh(fn, args):
-  """jax.jit(fn) lowered with the current fused_linear_attention.TILINGS.
+  """jax.jit(fn) lowered with the current fused_linear_attention.tilings().
 
   JAX caches a function's trace by the function, not by module state: without clearing
   its caches, every tiling after the first reuses the first one's kernels (so this
@@ -200,12 +200,13 @@ def main(argv):
             for layer in layers}
   calls = {layer: kernel_calls(inputs[layer], args.dim_head, args.interpret)
            for layer in layers}
-  defaults = dict(fused.TILINGS)
+  table = fused.tilings()  # This GPU's; changed in place, restored at the end.
+  defaults = dict(table)
   best, kernel_rows, failures = {}, [], []
   for name, default in defaults.items():
     results = []
     for tiling in candidates(args, default):
-      fused.TILINGS[name] = tiling
+      table[name] = tiling
       times = []
       for layer in layers:
         seconds, detail = time_call(*calls[layer][name], args.calls, args.repeats)
@@ -215,7 +216,7 @@ def main(argv):
       total = math.inf if None in times else sum(times)
       results.append((total, tiling, times))
       print(f'{name} {describe(tiling)}: {[_ms(t) for t in times]}', flush=True)
-    fused.TILINGS[name] = default
+    table[name] = default
     best[name] = min(results, key=lambda r: r[0])[1]
     for total, tiling, times in results:
       marks = ' (default)' if tiling == default else ''
@@ -229,11 +230,11 @@ def main(argv):
   for label, tilings, layer_impl in (('fused, default tilings', defaults, impl),
                                      ('fused, best tilings', best, impl),
                                      ('XLA (unet.linear_attention)', defaults, 'xla')):
-    fused.TILINGS.update(tilings)
+    table.update(tilings)
     times = [time_call(*layer_call(inputs[layer], args.dim_head, layer_impl),
                        args.calls, args.repeats)[0] for layer in layers]
     layer_rows.append([label] + [_ms(t) for t in times])
-  fused.TILINGS.update(defaults)
+  table.update(defaults)
 
   best_text = ','.join(f'{name}={describe(tiling)}' for name, tiling in best.items())
   if args.best_to:

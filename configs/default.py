@@ -52,7 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   model.attention_impl = 'auto'
   # Linear attention's kernels: xla (any backend); triton (fused Pallas kernels on
   # NVIDIA GPUs, for layers of up to 128 channels, XLA for wider ones: on an H200 at
-  # batch 256, 25% less memory and a 3% faster step); auto (triton for bfloat16 on an
+  # batch 256, ~29% less memory and a faster step); auto (triton for bfloat16 on an
   # A100, H100 or H200, whose shared memory the kernels were compiled for; else xla);
   # triton_interpret (the kernels interpreted, any backend; slow, for checks).
   model.linear_attention_impl = 'auto'

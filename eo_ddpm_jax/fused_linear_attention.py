@@ -15,10 +15,10 @@ normed input y [B, N, C], each recomputing q or k from y in registers:
 Each has a hand-written backward that again recomputes q or k from y, so no [B, N,
 heads*d] tensor is ever stored. One 128x128 layer at batch 256, forward and backward,
 moves 8.6 GB against 35.9 GB in XLA (compiled for an H100, bench/RESULTS.md); on an
-H200 it ran in 8.4 ms against XLA's 8.9 ms, far from what its bytes would allow, and
-the batch-256 train step peaked at 30.3 GiB against 40.4. bench/kernel_sass.py counts
-their registers, occupancy and instructions without a GPU; what bounds their time is
-not yet measured.
+H200 it ran in 3.4 ms against XLA's 8.9 ms (the 8.6 GB alone take ~2.0 ms at the 4.3
+TB/s a copy reaches there), and the batch-256 train step peaked at 28.8 GiB (40.4 with
+XLA's version, at an earlier commit). bench/kernel_sass.py counts their registers,
+occupancy and instructions without a GPU.
 
 The numbers follow `unet.linear_attention`'s precision: q and k are rounded to y's dtype
 before their softmaxes, the exponentials and GEMM operands are in y's dtype, and the
@@ -51,11 +51,10 @@ class Tiling:
 
   block_elements: rows per loop step times the layer's width (the wider of input and
     output), so wider layers take fewer rows (at most the chunk). Shared memory bounds
-    it: the defaults compile for the A100, H100 and H200 (bench/gpu_compile.py); the
+    it: each card's defaults (`tilings`) compile for it (bench/gpu_compile.py); the
     first version of these kernels, at 64 rows of 128 channels, asked an H100 for 248
-    KiB (it has 227 per block). The alternatives are yet to be timed on a GPU
-    (bench/linear_attention_kernels.py; its earlier sweeps timed the defaults only,
-    bench/RESULTS.md).
+    KiB (it has 227 per block). bench/linear_attention_kernels.py times the
+    alternatives on a GPU.
   num_warps: Triton warps per program.
   num_stages: Triton's software-pipelining stages for the loop (None: its default).
   """
@@ -64,13 +63,27 @@ class Tiling:
   num_stages: int | None = None
 
 
-# Per kernel; bench/linear_attention_kernels.py times the alternatives on a GPU.
+# Per kernel, for Hopper (the H100 and H200, 227 KiB of shared memory per block): each
+# kernel's fastest tiling at the study's layers on an H200 (bench/gpu_tilings.sh); they
+# took the batch-256 bfloat16 step from 147.6 to 142.0 ms (bench/RESULTS.md).
 TILINGS = {
+    'key_statistics': Tiling(2048, 4),
+    'key_statistics_grad': Tiling(4096, 4),
+    'apply_context': Tiling(8192, 4),
+    'apply_context_grad': Tiling(8192, 8),
+}
+# For the A100 (compute capability 8.0, 163 KiB per block), where TILINGS' two backward
+# kernels ask for up to 192 KiB at 128 channels: the earlier defaults, which compile for
+# it (bench/gpu_compile.py --card A100); not timed on one.
+A100_TILINGS = {
     'key_statistics': Tiling(4096, 4),
     'key_statistics_grad': Tiling(4096, 8),
     'apply_context': Tiling(4096, 4),
     'apply_context_grad': Tiling(2048, 8),
 }
+# The GPU the kernels are compiled for, as a compute capability ('9.0'); None: JAX's
+# first device's. The deviceless benchmarks set it to compile for a described card.
+TARGET_COMPUTE_CAPABILITY = None
 # The mesh axis that splits the batch (train_step.make_mesh's).
 BATCH_AXIS = 'data'
 _LOG2_E = math.log2(math.e)
@@ -92,6 +105,15 @@ def _exp_minus(x, shift):
 def _round(x, dtype):
   """x rounded to `dtype` and back to float32 (as the XLA version stores q and k)."""
   return x.astype(dtype).astype(jnp.float32)
+
+
+def tilings() -> dict[str, Tiling]:
+  """The tilings the kernels use on the target GPU: A100_TILINGS for compute capability
+  8.x, else TILINGS (Hopper's, also off GPUs: the interpreter). The table itself, not a
+  copy: benchmarks replace its entries to time others."""
+  capability = TARGET_COMPUTE_CAPABILITY or getattr(jax.devices()[0],
+                                                    'compute_capability', '')
+  return A100_TILINGS if str(capability).startswith('8.') else TILINGS
 
 
 def _layout(n: int, chunk: int | None, width: int, tiling: Tiling):
@@ -245,7 +267,7 @@ def _key_statistics(y, w_k, chunk, interpret):
 def _key_statistics_fwd(y, w_k, chunk, interpret):
   b, n, c = y.shape
   hidden = w_k.shape[1]
-  tiling = TILINGS['key_statistics']
+  tiling = tilings()['key_statistics']
   chunk, block, chunks = _layout(n, chunk, c, tiling)
   f32 = jnp.float32
   outputs = _call(
@@ -266,7 +288,7 @@ def _key_statistics_bwd(chunk, interpret, residuals, cotangents):
   _, d_sum, d_weighted = cotangents  # The maxima's cotangent is ignored (see above).
   b, n, c = y.shape
   hidden = w_k.shape[1]
-  tiling = TILINGS['key_statistics_grad']
+  tiling = tilings()['key_statistics_grad']
   chunk, block, chunks = _layout(n, chunk, c, tiling)
   dy, d_w_k = _call(
       functools.partial(_key_statistics_grad_kernel, block=block),
@@ -363,7 +385,7 @@ def _apply_context(y, w_q, to_output, dim_head, chunk, interpret):
 def _apply_context_fwd(y, w_q, to_output, dim_head, chunk, interpret):
   b, n, c = y.shape
   hidden, f = to_output.shape[1:]
-  tiling = TILINGS['apply_context']
+  tiling = tilings()['apply_context']
   chunk, block, chunks = _layout(n, chunk, max(c, f), tiling)
   out = _call(
       functools.partial(_apply_context_kernel, block=block, dim_head=dim_head),
@@ -380,7 +402,7 @@ def _apply_context_bwd(dim_head, chunk, interpret, residuals, d_out):
   y, w_q, to_output = residuals
   b, n, c = y.shape
   hidden, f = to_output.shape[1:]
-  tiling = TILINGS['apply_context_grad']
+  tiling = tilings()['apply_context_grad']
   chunk, block, chunks = _layout(n, chunk, max(c, f), tiling)
   dy, d_w_q, d_to_output = _call(
       functools.partial(_apply_context_grad_kernel, block=block, dim_head=dim_head),

@@ -322,9 +322,9 @@ def linear_attention_impl(name: str, dtype_name: str, backend: str | None = None
   bfloat16 on an NVIDIA GPU of FUSED_LINEAR_ATTENTION_CARDS, else 'xla'; the others pass
   through. compute_capability ('9.0') defaults to the first GPU's.
 
-  On an H200 at batch 256 the kernels ran the train step in 146.6 ms with a 30.3 GiB peak,
-  XLA's version in 150.7 ms with 40.4 GiB (bench/RESULTS.md, session 15). float32 keeps
-  XLA's version, whose numbers the tests hold to PyTorch's.
+  On an H200 at batch 256 the kernels ran the train step in 142.0 ms with a 28.8 GiB
+  peak; XLA's version took 150.7 ms and 40.4 GiB at an earlier commit (bench/RESULTS.md).
+  float32 keeps XLA's version, whose numbers the tests hold to PyTorch's.
   """
   if name != 'auto':
     return name

@@ -6,6 +6,8 @@ The kernels' Triton compile for an H100 (shared memory, block shapes) is checked
 bench/gpu_compile.py, which needs the GPU compiler; their speed needs a GPU.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,6 +139,36 @@ def test_unsupported_names_the_shape_that_does_not_fit(n, c, heads, d, reason):
   assert (reason in found) if reason else found == ''
 
 
+@pytest.mark.parametrize('target, device_capability, expected_rows', [
+    (None, None, 64),     # This CPU (the interpreter): Hopper's table.
+    (None, '9.0', 64),    # On an H100 or H200.
+    (None, '8.0', 16),    # On an A100.
+    ('8.0', None, 16),    # Compiling for a described A100 (bench/gpu_compile.py).
+    ('9.0', '8.0', 64),   # The target named wins over the device.
+])
+def test_kernels_take_the_tilings_of_the_target_gpu(target, device_capability,
+                                                    expected_rows, monkeypatch):
+  """Every kernel's loop steps come from TILINGS (here 64 rows of C = 32 channels) or,
+  for an A100 (compute capability 8.x), from A100_TILINGS (here 16 rows), by the named
+  target or else JAX's first device; the lowered program's row slices show which."""
+  for name in fused.TILINGS:
+    monkeypatch.setitem(fused.TILINGS, name, fused.Tiling(64 * C, 4))
+    monkeypatch.setitem(fused.A100_TILINGS, name, fused.Tiling(16 * C, 4))
+  monkeypatch.setattr(fused, 'TARGET_COMPUTE_CAPABILITY', target)
+
+  class Device:  # What jax.devices() would give on that card.
+    if device_capability is not None:
+      compute_capability = device_capability
+  monkeypatch.setattr(jax, 'devices', lambda backend=None: [Device()])
+  jax.clear_caches()  # A trace is cached by function, not by the tables.
+  args = _inputs()
+  loss = lambda *a: jnp.sum(_fused(*a))
+  text = jax.jit(jax.grad(loss, tuple(range(6)))).lower(*args).as_text()
+  rows = set(re.findall(rf'tensor<(\d+)x{C}x', text))
+  assert str(expected_rows) in rows
+  assert str(80 - expected_rows) not in rows  # The other table's 16 or 64.
+
+
 def _unet(impl, dim_head, dtype=jnp.float32):
   return unet.UNet(dim=16, dim_mults=(1, 2), attn_heads=2, attn_dim_head=dim_head,
                    linear_attention_impl=impl, dtype=dtype)
@@ -186,6 +218,8 @@ def test_unet_uses_the_kernels_only_where_the_shapes_fit(dim_head, calls):
 
 _TWO_DEVICE_SCRIPT = """
 import json, sys
+import re
+
 import jax
 import numpy as np
 from bench import roofline
