@@ -7,10 +7,14 @@
 #                 installs them on the GPU host into a temporary folder;
 #   .gpu/base/    eo_ddpm_jax/, bench/, configs/ and tests/ of BASE_REF (a commit, tag or
 #                 branch), when given: BASELINE_DIR for gpu_profile.sh, to measure a change
-#                 against it on the same card in one run.
+#                 against it on the same card in one run. BASE_OVERLAY names files (paths
+#                 from the repository root) copied over it from this working tree, to
+#                 time one change apart from another (e.g. an old U-Net with new kernels).
 #
 #   bash bench/gpu_prepare.sh                 # wheels only
 #   BASE_REF=7e293bb bash bench/gpu_prepare.sh
+#   BASE_REF=bda2d21 BASE_OVERLAY=eo_ddpm_jax/fused_linear_attention.py \
+#       bash bench/gpu_prepare.sh
 # then on the GPU host, from the repository root:
 #   BASELINE_DIR=$PWD/.gpu/base bash bench/gpu_profile.sh
 set -euo pipefail
@@ -27,9 +31,18 @@ mkdir -p .gpu/wheels
 echo "wheels in .gpu/wheels: $(ls .gpu/wheels | tr '\n' ' ')"
 
 if [[ -n "${BASE_REF:-}" ]]; then
+  for path in ${BASE_OVERLAY:-}; do
+    if [[ ! -f "$path" ]]; then
+      echo "BASE_OVERLAY: $path is not a file of this working tree" >&2
+      exit 1
+    fi
+  done
   rm -rf .gpu/base
   mkdir -p .gpu/base
   git archive "$BASE_REF" eo_ddpm_jax bench configs tests | tar -x -C .gpu/base
-  echo "baseline $(git rev-parse --short "$BASE_REF") in .gpu/base"
+  for path in ${BASE_OVERLAY:-}; do
+    cp "$path" ".gpu/base/$path"
+  done
+  echo "baseline $(git rev-parse --short "$BASE_REF")${BASE_OVERLAY:+ with $BASE_OVERLAY from this tree} in .gpu/base"
 fi
 echo "carry .gpu to the GPU host; bench/gpu_lib.sh installs the wheels there."
