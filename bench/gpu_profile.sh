@@ -13,9 +13,12 @@
 #      older commit's eo_ddpm_jax/, bench/ and configs/; its own defaults), to measure
 #      a change on the same card;
 #   4. bench.profile of the batch-256 step with $PROFILE_LINEAR_ATTENTION (default
-#      triton; xla profiles the XLA version): time per XLA op kind and per GPU kernel, with the trace and the
-#      optimised HLO kept (to read op names against);
+#      triton; xla profiles the XLA version): time per XLA op kind and per GPU kernel,
+#      with the trace and the optimised HLO kept (to read op names against); then, with
+#      $BASELINE_DIR, the baseline's batch-256 step profiled alike;
 #   5. bench.profile of the study's own step (batch 8, float32).
+# BENCH_SKIP="KEY ..." leaves runs out, to fit a short lease: xla (1's XLA step), check
+# (2), baseline_profile (4's baseline), f32 (5).
 # Tables go to $OUT/gpu_profile.md (else bench/gpu_profile/gpu_profile.md); traces and
 # HLO are packed into gpu_profile_traces.tgz beside it.
 #
@@ -24,6 +27,7 @@
 #   bash bench/gpu_profile.sh                       # on the GPU machine
 #   BASELINE_DIR=/path/to/old bash bench/gpu_profile.sh
 #   BENCH_LARGE_BATCH=128 bash bench/gpu_profile.sh  # if 256 does not fit the card
+#   BENCH_SKIP="xla check f32" BASELINE_DIR=$PWD/.gpu/base bash bench/gpu_profile.sh
 #   BENCH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu_profile.sh   # tiny, any machine
 set -u
 source "$(dirname "$0")/gpu_lib.sh"
@@ -63,13 +67,21 @@ run() {
   run_python "$name" "$dir" "$CMD_TIMEOUT_S" "$@"
 }
 
-run "train bfloat16 b$LARGE, xla linear attention" . -m bench.train_step "${COMMON[@]}" \
-    "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" --linear_attention_impl xla \
-    --results "$RESULTS"
+wanted() {
+  # wanted KEY: false when BENCH_SKIP names KEY (noted among the skipped).
+  if [[ " ${BENCH_SKIP:-} " == *" $1 "* ]]; then
+    FAILED+=("$1 (skipped: BENCH_SKIP)")
+    return 1
+  fi
+}
+
+wanted xla && run "train bfloat16 b$LARGE, xla linear attention" . -m bench.train_step \
+    "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" \
+    --linear_attention_impl xla --results "$RESULTS"
 run "train bfloat16 b$LARGE, $TRITON linear attention" . -m bench.train_step \
     "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" \
     --linear_attention_impl "$TRITON" --results "$RESULTS"
-run "train bfloat16 b$SMALL, $TRITON linear attention, output check" . \
+wanted check && run "train bfloat16 b$SMALL, $TRITON linear attention, output check" . \
     -m bench.train_step "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 \
     --batch "$SMALL" --linear_attention_impl "$TRITON" --check_attention \
     --results "$RESULTS"
@@ -83,9 +95,16 @@ run "profile bfloat16 b$LARGE, $PROFILE_LINEAR_ATTENTION linear attention" . \
     -m bench.profile "${COMMON[@]}" --precision bfloat16 \
     --linear_attention_impl "$PROFILE_LINEAR_ATTENTION" --batch "$LARGE" --calls 3 \
     --top 30 --trace_dir "$WORK/trace_b$LARGE" --dump_hlo "$WORK/hlo_b$LARGE" --results "$RESULTS"
-run "profile float32 b$SMALL" . -m bench.profile "${COMMON[@]}" --precision float32 \
-    --batch "$SMALL" --calls 5 --top 20 --trace_dir "$WORK/trace_b$SMALL" \
-    --results "$RESULTS"
+if [[ -n "${BASELINE_DIR:-}" ]] && wanted baseline_profile; then
+  run "profile bfloat16 b$LARGE, baseline" "$BASELINE_DIR" -m bench.profile \
+      "${COMMON[@]}" --precision bfloat16 --batch "$LARGE" --calls 3 --top 30 \
+      --trace_dir "$WORK/trace_b${LARGE}_baseline" \
+      --dump_hlo "$WORK/hlo_b${LARGE}_baseline" --results "$RESULTS" \
+      --note "Baseline checkout: $BASELINE_DIR."
+fi
+wanted f32 && run "profile float32 b$SMALL" . -m bench.profile "${COMMON[@]}" \
+    --precision float32 --batch "$SMALL" --calls 5 --top 20 \
+    --trace_dir "$WORK/trace_b$SMALL" --results "$RESULTS"
 
 # Only the optimised train-step modules of the HLO dump: the rest is large and unused.
 find "$WORK" -path '*hlo_*' -type f ! -name '*train_step*after_optimizations.txt' -delete
