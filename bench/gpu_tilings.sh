@@ -7,7 +7,7 @@
 #   3. the batch-256 step again with those best tilings;
 #   4. the study's batch-8 step with the best tilings and --check_attention (the U-Net
 #      output's distance from the float32 einsum + XLA reference).
-# Each step runs under its own timeout; one failure does not stop the rest. About 8
+# Each step runs under its own timeout; one failure does not stop the rest. About 7
 # minutes on an H200. Tables go to $OUT/gpu_tilings.md (else bench/gpu_tilings/).
 #
 #   bash bench/gpu_prepare.sh                    # first, where pip reaches PyPI (.gpu/)

@@ -200,13 +200,13 @@ def main(argv):
             for layer in layers}
   calls = {layer: kernel_calls(inputs[layer], args.dim_head, args.interpret)
            for layer in layers}
-  table = fused.tilings()  # This GPU's; changed in place, restored at the end.
-  defaults = dict(table)
+  current = fused.tilings()  # This GPU's, which the kernels read; restored at the end.
+  defaults = dict(current)
   best, kernel_rows, failures = {}, [], []
   for name, default in defaults.items():
     results = []
     for tiling in candidates(args, default):
-      table[name] = tiling
+      current[name] = tiling
       times = []
       for layer in layers:
         seconds, detail = time_call(*calls[layer][name], args.calls, args.repeats)
@@ -216,7 +216,7 @@ def main(argv):
       total = math.inf if None in times else sum(times)
       results.append((total, tiling, times))
       print(f'{name} {describe(tiling)}: {[_ms(t) for t in times]}', flush=True)
-    table[name] = default
+    current[name] = default
     best[name] = min(results, key=lambda r: r[0])[1]
     for total, tiling, times in results:
       marks = ' (default)' if tiling == default else ''
@@ -230,11 +230,11 @@ def main(argv):
   for label, tilings, layer_impl in (('fused, default tilings', defaults, impl),
                                      ('fused, best tilings', best, impl),
                                      ('XLA (unet.linear_attention)', defaults, 'xla')):
-    table.update(tilings)
+    current.update(tilings)
     times = [time_call(*layer_call(inputs[layer], args.dim_head, layer_impl),
                        args.calls, args.repeats)[0] for layer in layers]
     layer_rows.append([label] + [_ms(t) for t in times])
-  table.update(defaults)
+  current.update(defaults)
 
   best_text = ','.join(f'{name}={describe(tiling)}' for name, tiling in best.items())
   if args.best_to:
