@@ -52,7 +52,8 @@ PEAK_BF16_TFLOPS = {
     'H200': 989.0,  # Same GH100 compute as the H100 SXM.
     'A100': 312.0,  # A100 SXM datasheet, dense.
 }
-# Their memory bandwidths (TB/s, datasheets), for bench/roofline.py and bench/gpu_compile.py.
+# Their memory bandwidths (TB/s, datasheets), for bench/roofline.py, bench/gpu_compile.py
+# and bench/profile.py.
 HBM_BANDWIDTH_TBS = {'H100': 3.35, 'H200': 4.8, 'A100': 2.039}  # A100: SXM, 80 GB.
 
 # The study's run, for the projected training time: 11 epochs of 45,753 patches.

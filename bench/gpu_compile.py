@@ -4,10 +4,11 @@ memory traffic and its memory, read from XLA's optimised GPU program.
 XLA compiles for a described GPU without the device (deviceless AOT:
 `jax.experimental.topologies` with a target config). The optimised HLO lists the kernels
 a step launches (fusions, cuDNN convolutions and attention, Triton GEMMs); each kernel's
-operand and result bytes, summed, are the step's memory traffic (an operand that only
-feeds slices counts only the elements they keep), and XLA's buffer assignment gives its
-temporary memory. No GPU runs anything, so there are no timings:
-this measures the bytes a change saves, on any machine, before a GPU confirms the time.
+operand and result bytes (bench/hlo_traffic.py), summed, are the step's memory traffic
+(an operand that only feeds slices counts only the elements they keep), and XLA's
+buffer assignment gives its temporary memory. No GPU runs anything, so there are no
+timings: this measures the bytes a change saves, on any machine, before a GPU confirms
+the time.
 Checked against the cards (bench/RESULTS.md): at eea3a5f it gives 47.4 GiB of temporaries
 where the H200 measured a 49.0 GiB peak, and at 3ef6ece (float32, batch 8) the same
 fusion counts as the H100's profile (687 vs 688 reductions, 184 and 102 loops).
@@ -25,14 +26,12 @@ from bench import common  # First: sets the environment jax reads at import.
 
 import argparse
 import collections
-import math
-import re
 import sys
 import time
 
-import jax
 from jax.experimental import topologies
 
+from bench import hlo_traffic
 from bench import roofline
 from eo_ddpm_jax import fused_linear_attention as fused
 from eo_ddpm_jax import train_step as train_lib
@@ -68,13 +67,6 @@ CARDS = {
 }
 for _card, _facts in CARDS.items():
   _facts['bandwidth'] = int(common.HBM_BANDWIDTH_TBS[_card] * 1e12)  # bytes/s
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16': 2,
-                'f32': 4, 's32': 4, 'u32': 4, 'f64': 8, 's64': 8, 'u64': 8}
-# HLO instructions that launch nothing: aliases, bookkeeping and inputs.
-_NOT_KERNELS = {'parameter', 'get-tuple-element', 'bitcast', 'tuple', 'constant',
-                'after-all', 'partition-id', 'replica-id'}
-
-
 def parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,100 +111,6 @@ def compile_for_gpu(args):
   return compiled, time.perf_counter() - start, (attention, linear)
 
 
-def _arrays(shape_text: str):
-  """(dtype, element count) of each array in an HLO shape such as 'bf16[8,16]{1,0}' or a
-  tuple of them."""
-  for dtype, dims in re.findall(r'\b(\w+)\[([\d,]*)\]', shape_text):
-    yield dtype, math.prod(int(d) for d in filter(None, dims.split(',')))
-
-
-def _bytes_of(shape_text: str) -> int:
-  """Bytes of the arrays in an HLO shape."""
-  return sum(_DTYPE_BYTES.get(dtype, 0) * count for dtype, count in _arrays(shape_text))
-
-
-_INSTRUCTION = re.compile(r'\s*(?:ROOT )?%(\S+) = (.*?) ([\w-]+)\((.*?)\)(?:, |$)')
-# Ops that map each element of their operands to one element of their result, so a slice
-# after them reads only the operand elements it keeps.
-_ELEMENTWISE = {'abs', 'add', 'bitcast', 'compare', 'convert', 'divide', 'exponential',
-                'log', 'logistic', 'maximum', 'minimum', 'multiply', 'negate', 'rsqrt',
-                'select', 'sqrt', 'subtract', 'tanh'}
-
-
-def _sliced_reads(body: str) -> dict[int, int]:
-  """For a fused computation's text: parameter number -> the bytes the kernel reads of
-  it, for each parameter that reaches slices only, through elementwise ops (the kernel
-  then reads only the elements the slices keep, e.g. one pixel of a GroupNorm input)."""
-  ops, users, params = {}, collections.defaultdict(list), {}
-  for line in body.splitlines():
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, shape_text, opcode, operands = match.groups()
-    ops[name] = (opcode, shape_text)
-    for operand in re.findall(r'%([\w.\-]+)', operands):
-      users[operand].append(name)
-    if opcode == 'parameter':
-      params[int(operands)] = (name, _DTYPE_BYTES.get(shape_text.split('[')[0], 0))
-
-  def kept_elements(name):  # None: some use reads the elements in full.
-    if not users[name]:
-      return None
-    total = 0
-    for user in users[name]:
-      opcode, shape_text = ops[user]
-      if opcode == 'slice':
-        total += sum(count for _, count in _arrays(shape_text))
-      elif opcode in _ELEMENTWISE and (kept := kept_elements(user)) is not None:
-        total += kept
-      else:
-        return None
-    return total
-
-  reads = {}
-  for number, (name, element_bytes) in params.items():
-    kept = kept_elements(name)
-    if kept is not None:
-      reads[number] = kept * element_bytes
-  return reads
-
-
-def kernels(hlo_text: str) -> list[dict]:
-  """The ENTRY computation's kernels, as dicts: kind (fusion name or custom-call
-  target), bytes (read and written) and layer (`roofline.layer_kind` of its op name).
-
-  Each kernel is charged its results' and operands' full sizes, once: what it must read
-  from and write to memory when nothing stays in cache between kernels. The exception is
-  a fusion operand that only feeds slices (through elementwise ops): it is charged the
-  elements the slices keep.
-  """
-  computations = {m.group(1): m.group(2) for m in re.finditer(
-      r'^%(\S+) \(.*?\n(.*?)\n}', hlo_text, re.MULTILINE | re.DOTALL)}
-  entry = hlo_text[hlo_text.index('\nENTRY'):]
-  entry = entry[:entry.index('\n}')]
-  sizes, found = {}, []
-  for line in entry.splitlines()[1:]:
-    match = _INSTRUCTION.match(line)
-    if not match:
-      continue
-    name, shape_text, opcode, operands = match.groups()
-    sizes[name] = _bytes_of(shape_text)
-    if opcode in _NOT_KERNELS:
-      continue
-    target = re.search(r'custom_call_target="([^"]*)"', line)
-    op_name = re.search(r'op_name="([^"]*)"', line)
-    called = re.search(r'calls=%([\w.\-]+)', line)
-    sliced = (_sliced_reads(computations.get(called.group(1), ''))
-              if opcode == 'fusion' and called else {})
-    kind = (target.group(1) if target else
-            re.sub(r'[.\d]+$', '', name) if opcode == 'fusion' else opcode)
-    reads = sum(sliced.get(i, sizes.get(o, 0))
-                for i, o in enumerate(re.findall(r'%([\w.\-]+)', operands)))
-    found.append(dict(kind=kind, bytes=sizes[name] + reads,
-                      layer=roofline.layer_kind(op_name.group(1) if op_name else '')))
-  return found
-
-
 def main(argv):
   args = parse_args(argv)
   compiled, compile_s, (attention, linear) = compile_for_gpu(args)
@@ -220,7 +118,7 @@ def main(argv):
   if args.dump_hlo:
     with open(args.dump_hlo, 'w', encoding='utf-8') as f:
       f.write(text)
-  found = kernels(text)
+  found = hlo_traffic.kernels(text)
   total = sum(k['bytes'] for k in found)
   bandwidth = CARDS[args.card]['bandwidth']
 

@@ -14,8 +14,10 @@
 #      a change on the same card;
 #   4. bench.profile of the batch-256 step with $PROFILE_LINEAR_ATTENTION (default
 #      triton; xla profiles the XLA version): time per XLA op kind and per GPU kernel,
-#      with the trace and the optimised HLO kept (to read op names against); then, with
-#      $BASELINE_DIR, the baseline's batch-256 step profiled alike;
+#      XLA's kernels against the bytes they move (TB/s, time over the bandwidth floor,
+#      op name), with the trace and the optimised HLO kept; then, with $BASELINE_DIR,
+#      the baseline's batch-256 step profiled alike (that table needs its checkout to
+#      have bench/profile.py and bench/hlo_traffic.py: gpu_prepare.sh's BASE_OVERLAY);
 #   5. bench.profile of the study's own step (batch 8, float32).
 # BENCH_SKIP="KEY ..." leaves runs out, to fit a short lease: xla (1's XLA step), check
 # (2), baseline_profile (4's baseline), f32 (5).

@@ -9,7 +9,10 @@ a second table lists the kernels one by one, and a third sums them by the kind o
 rest). Times are per call of the program; YNNPACK fusions (convolutions, dots and
 reductions) share one kind, so `--dump_hlo DIR` also writes the optimised HLO to match
 op names against, and `--trace_dir DIR` keeps the trace (TensorBoard's profile plugin
-opens it). Appends the tables to bench/RESULTS.md.
+opens it). With `--dump_hlo`, a last table puts XLA's own kernels against the bytes
+they move (bench/hlo_traffic.py): achieved TB/s and, on a listed GPU, the time each
+spends over its floor at the card's bandwidth, most first, with the op it came from:
+where a memory-bound step loses its time. Appends the tables to bench/RESULTS.md.
 
   python -m bench.profile --dim 32 --dim_mults 1,2,4 --image_size 64 --batch 4 \
       --program train_step
@@ -41,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import hlo_traffic
 from eo_ddpm_jax import train_step as train_lib
 
 PROGRAMS = ('train_step', 'forward')
@@ -129,12 +133,13 @@ def work_kind(kernel_name: str) -> str:
 
 
 def op_times(trace_dir: str, calls: int) -> tuple[collections.Counter, collections.Counter]:
-  """Milliseconds per call by op kind, and by GPU kernel (empty on a CPU).
+  """Milliseconds per call by op kind, and by event name (a GPU kernel's or, on a CPU,
+  an XLA op's: 'input_reduce_fusion_3', 'input_reduce_fusion.3').
 
   CPU: the events of the XLA threads. GPU: the kernels on the device plane's streams.
   """
   path = sorted(glob.glob(os.path.join(trace_dir, '**', '*.xplane.pb'), recursive=True))[-1]
-  ops, kernels = collections.Counter(), collections.Counter()
+  ops, events = collections.Counter(), collections.Counter()
   for plane in jax.profiler.ProfileData.from_file(path).planes:
     on_gpu = plane.name.startswith('/device:GPU')
     for line in plane.lines:
@@ -146,9 +151,79 @@ def op_times(trace_dir: str, calls: int) -> tuple[collections.Counter, collectio
           continue
         ms = event.duration_ns / 1e6 / calls
         ops[_op_kind(event.name)] += ms
-        if on_gpu:
-          kernels[event.name[:90]] += ms
-  return ops, kernels
+        events[event.name] += ms
+  return ops, events
+
+
+def _bandwidth_tbs(device_kind: str, platform_name: str) -> float | None:
+  """The card's memory bandwidth (TB/s, common.HBM_BANDWIDTH_TBS); None on a CPU or an
+  unlisted card."""
+  if platform_name == 'cpu':
+    return None
+  return next((tbs for card, tbs in common.HBM_BANDWIDTH_TBS.items()
+               if card.lower() in device_kind.lower()), None)
+
+
+def _event_name(hlo_name: str) -> str:
+  """A GPU kernel is named after its HLO fusion with '_' for '.': 'input_reduce_fusion.3'
+  -> 'input_reduce_fusion_3'. CPU events keep the HLO name; both map to this key."""
+  return hlo_name.replace('.', '_')
+
+
+def kernel_traffic(hlo_dir: str, events: collections.Counter) -> dict[str, dict]:
+  """The bytes each kernel of the profiled program moves (`hlo_traffic.kernels`), keyed by
+  `_event_name`. The program is the optimised module in the XLA dump folder `hlo_dir`
+  whose kernel names carry the most of the profiled `events`' time (the dump also holds
+  set-up programs: initialisation, random keys). Library kernels (cuDNN, cuBLAS, Pallas)
+  carry their own names in a trace and match nothing."""
+  best, best_ms = {}, 0.0
+  for path in glob.glob(os.path.join(hlo_dir, '*after_optimizations.txt')):
+    with open(path, encoding='utf-8') as f:
+      traffic = {_event_name(k['name']): k for k in hlo_traffic.kernels(f.read())}
+    matched_ms = sum(ms for name, ms in events.items() if _event_name(name) in traffic)
+    if matched_ms > best_ms:
+      best, best_ms = traffic, matched_ms
+  return best
+
+
+def traffic_rows(events: collections.Counter, traffic: dict[str, dict],
+                 bandwidth_tbs: float | None) -> list[dict]:
+  """The profiled kernels whose bytes are known, as dicts: name, ms (per call), gb,
+  tbs (achieved TB/s), floor_ms (their bytes at `bandwidth_tbs`, None without one),
+  over_ms (ms - floor_ms) and op (the JAX name stack). Most time over the floor first;
+  without a bandwidth, the slowest first."""
+  rows = []
+  for name, ms in events.items():
+    kernel = traffic.get(_event_name(name))
+    if kernel is None or ms <= 0:
+      continue
+    gb = kernel['bytes'] / 1e9
+    floor_ms = gb / bandwidth_tbs if bandwidth_tbs else None  # GB / (TB/s) = ms
+    rows.append(dict(name=name, ms=ms, gb=gb, tbs=gb / ms, floor_ms=floor_ms,
+                     over_ms=ms - floor_ms if bandwidth_tbs else None,
+                     op=kernel['op_name'].partition('/')[2] or kernel['op_name']))
+  return sorted(rows, key=lambda r: -(r['over_ms'] if bandwidth_tbs else r['ms']))
+
+
+def traffic_table(rows: list[dict], bandwidth_tbs: float | None, top: int) -> tuple[str, str]:
+  """(markdown table of the first `top` rows, a one-line summary of them all)."""
+  header = ['kernel', 'time per call', 'GB moved', 'TB/s']
+  if bandwidth_tbs:
+    header.append(f'over its floor at {bandwidth_tbs:g} TB/s')
+  header.append('op')
+  table = []
+  for r in rows[:top]:
+    cells = [f'`{r["name"][:40]}`', f'{r["ms"]:.2f} ms', f'{r["gb"]:.3f}', f'{r["tbs"]:.3f}']
+    if bandwidth_tbs:
+      cells.append(f'{r["over_ms"]:.2f} ms')
+    table.append(cells + [f'`{r["op"][-70:]}`'])
+  ms, gb = sum(r['ms'] for r in rows), sum(r['gb'] for r in rows)
+  summary = (f'the {len(rows):,} profiled kernels named in the HLO (on a GPU, XLA\'s '
+             f'fusions and Triton GEMMs; not cuDNN\'s, cuBLAS\'s or Pallas\'s) took {ms:.1f} ms per call moving {gb:.1f} GB: '
+             f'{gb / ms if ms else 0:.2f} TB/s')
+  if bandwidth_tbs:
+    summary += f', where the card\'s {bandwidth_tbs:g} TB/s needs {gb / bandwidth_tbs:.1f} ms'
+  return common.markdown_table(header, table), summary + '.'
 
 
 def main(argv):
@@ -169,25 +244,31 @@ def main(argv):
     with jax.profiler.trace(trace_dir):
       for _ in range(args.calls):
         run()
-    ops, kernels = op_times(trace_dir, args.calls)
+    ops, events = op_times(trace_dir, args.calls)
 
+  facts = common.jax_device_facts()
   traced = sum(ops.values())
   rows = [(kind, f'{ms:.2f} ms', f'{ms / traced:.1%}')
           for kind, ms in ops.most_common(args.top)]
   rows.append(('all ops (traced)', f'{traced:.1f} ms', '100%'))
   table = common.markdown_table(['op kind', 'time per call', 'share'], rows)
-  if kernels:
-    busy = sum(kernels.values())
-    rows = [(f'`{name}`', f'{ms:.2f} ms', f'{ms / busy:.1%}')
-            for name, ms in kernels.most_common(args.top)]
+  if facts['platform'] == 'gpu':
+    busy = sum(events.values())
+    rows = [(f'`{name[:90]}`', f'{ms:.2f} ms', f'{ms / busy:.1%}')
+            for name, ms in events.most_common(args.top)]
     rows.append(('all kernels', f'{busy:.1f} ms', f'{busy / call_ms:.0%} of the call'))
     table += '\n\n' + common.markdown_table(['GPU kernel', 'time per call', 'share'], rows)
     by_kind = collections.Counter()
-    for name, ms in kernels.items():
+    for name, ms in events.items():
       by_kind[work_kind(name)] += ms
     rows = [(kind, f'{ms:.1f} ms', f'{ms / busy:.1%}') for kind, ms in by_kind.most_common()]
     table += '\n\n' + common.markdown_table(['GPU work', 'time per call', 'share'], rows)
-  facts = common.jax_device_facts()
+  traffic_summary = ''
+  if args.dump_hlo:
+    bandwidth = _bandwidth_tbs(facts['kind'], facts['platform'])
+    traffic, traffic_summary = traffic_table(
+        traffic_rows(events, kernel_traffic(args.dump_hlo, events), bandwidth), bandwidth, args.top)
+    table += '\n\n' + traffic
   notes = [
       f'{description}: {common.describe_unet(args)}, batch '
       f'{args.batch} of {args.image_size}x{args.image_size}x{args.channels}, '
@@ -196,6 +277,9 @@ def main(argv):
       'warm-up calls). Traced: op events of the XLA threads (CPU) or kernels of the GPU\'s '
       'streams per call; tracing adds a few %. On a GPU, the kernels\' total over the '
       'call time is how busy the GPU was.',
+      traffic_summary and (
+          'Kernels against memory (from --dump_hlo\'s optimised HLO, bench/hlo_traffic.py: '
+          'each kernel\'s operands and results, read or written once): ' + traffic_summary),
       args.note,
   ]
   common.report(f'Profile by XLA op, {description}, {args.precision}, batch {args.batch}, '

@@ -1,12 +1,15 @@
 """Tests for the counts of bench/roofline.py (FLOPs against XLA's cost analysis, layer
-kinds from name stacks), bench/gpu_compile.py (bytes of a GPU program's kernels),
+kinds from name stacks), bench/hlo_traffic.py (bytes of a compiled program's kernels),
 bench/kernel_sass.py (a kernel's loop in its SASS) and bench/profile.py (GPU kernels by
-the kind of work)."""
+the kind of work, profiled kernels against their bytes)."""
+
+import collections
 
 import jax
 import jax.numpy as jnp
 import pytest
 
+from bench import hlo_traffic
 from bench import kernel_sass
 from bench import profile
 from bench import roofline
@@ -80,15 +83,16 @@ ENTRY %main (a: bf16[4,8], k: bf16[3,3,8,2]) -> (f32[4,8], bf16[4,2]) {
 """
 
 
-def test_gpu_compile_charges_each_kernel_its_operands_and_results():
-  from bench import gpu_compile  # pylint: disable=g-import-not-at-top
-  found = gpu_compile.kernels(_HLO)
+def test_hlo_traffic_charges_each_kernel_its_operands_and_results():
+  found = hlo_traffic.kernels(_HLO)
   # The fusion reads bf16[4,8] (64 B) and writes f32[4,8] (128 B); the custom call reads
   # it and the bf16[3,3,8,2] kernel (288 B) and writes bf16[4,2] and its u8[100] scratch.
   assert found == [
-      dict(kind='loop_convert_fusion', bytes=64 + 128,
+      dict(name='loop_convert_fusion.3', kind='loop_convert_fusion', bytes=64 + 128,
+           op_name='jit(step)/jvp(UNet)/downs_0_attn/convert_element_type',
            layer='attention projections and linear attention'),
-      dict(kind='__cudnn$convForward', bytes=64 + 288 + 16 + 100,
+      dict(name='cc', kind='__cudnn$convForward', bytes=64 + 288 + 16 + 100,
+           op_name='jit(step)/jvp(UNet)/mid_block1/block1/proj/conv',
            layer='ResNet blocks (3x3 convs, 1x1 residual convs)'),
   ]
 
@@ -113,14 +117,14 @@ ENTRY %main (a: bf16[4,8], b: f32[4,8]) -> (f32[1,8], f32[4,8]) {
 """
 
 
-def test_gpu_compile_charges_a_sliced_operand_what_the_slices_keep():
+def test_hlo_traffic_charges_a_sliced_operand_what_the_slices_keep():
   """A fusion operand that reaches only slices, through elementwise ops, is read only
   where they keep it: p0 -> convert -> one row of 8 bf16 (16 B, not 64). p1 also feeds
   the tuple whole, so it is read in full (128 B); the results are 32 + 128 B."""
-  from bench import gpu_compile  # pylint: disable=g-import-not-at-top
-  found = gpu_compile.kernels(_SLICING_HLO)
-  assert found == [dict(kind='loop_slice_fusion', bytes=(32 + 128) + 16 + 128,
-                        layer='ResNet blocks (3x3 convs, 1x1 residual convs)')]
+  found = hlo_traffic.kernels(_SLICING_HLO)
+  assert [(k['kind'], k['bytes'], k['layer']) for k in found] == [
+      ('loop_slice_fusion', (32 + 128) + 16 + 128,
+       'ResNet blocks (3x3 convs, 1x1 residual convs)')]
 
 
 @pytest.mark.parametrize('kernel, kind', [
@@ -165,3 +169,53 @@ def test_kernel_sass_takes_the_loop_up_to_its_backward_branch():
   loop = kernel_sass._loop  # pylint: disable=protected-access
   assert loop(sass) == ['LDG.E.128', 'BRA', 'HMMA.16816.F32.BF16', 'BRA']
   assert not loop(sass.replace('BRA 0x10', 'BRA 0x50'))
+
+
+def test_profile_reads_the_traffic_of_the_profiled_module(tmp_path):
+  """An XLA dump holds set-up programs beside the profiled one; the kernels' bytes come
+  from the module whose kernels took the most of the profiled time, keyed as a GPU names
+  its kernels ('.' -> '_')."""
+  (tmp_path / 'module_0010.jit_step.sm_9.0_gpu_after_optimizations.txt').write_text(_HLO)
+  (tmp_path / 'module_0002.jit_init.sm_9.0_gpu_after_optimizations.txt').write_text(
+      _SLICING_HLO)
+  (tmp_path / 'module_0010.jit_step.sm_9.0_gpu_after_optimizations-memory-usage-report.txt'
+   ).write_text(_SLICING_HLO.replace('loop_slice_fusion', 'loop_convert_fusion.3'))
+  step_ms = collections.Counter({'loop_convert_fusion_3': 1.0, 'loop_slice_fusion': 0.5})
+  traffic = profile.kernel_traffic(str(tmp_path), step_ms)
+  assert sorted(traffic) == ['cc', 'loop_convert_fusion_3']
+  assert traffic['loop_convert_fusion_3']['bytes'] == 64 + 128
+  init_ms = collections.Counter({'loop_convert_fusion_3': 1.0, 'loop_slice_fusion': 1.5})
+  assert sorted(profile.kernel_traffic(str(tmp_path), init_ms)) == ['loop_slice_fusion']
+  assert profile.kernel_traffic(str(tmp_path / 'missing'), step_ms) == {}
+
+
+def test_profile_puts_kernels_against_their_floor_at_the_bandwidth():
+  """A kernel moving 4 GB in 2 ms runs at 2 TB/s; at 4 TB/s its floor is 1 ms, so it
+  spends 1 ms over it. Library kernels (no HLO name) and kernels that never ran drop out."""
+  traffic = {'input_reduce_fusion_3': dict(bytes=4e9, op_name='jit(step)/jvp(UNet)/a/reduce'),
+             'loop_add_fusion_1': dict(bytes=1e9, op_name='jit(step)/jvp(UNet)/b/add'),
+             'loop_copy_fusion': dict(bytes=1e9, op_name='')}
+  events = collections.Counter({'input_reduce_fusion_3': 2.0, 'loop_add_fusion.1': 1.5,
+                                'sm90_xmma_fprop_implicit_gemm': 9.0})
+  rows = profile.traffic_rows(events, traffic, 4.0)
+  assert [(r['name'], r['gb'], r['tbs'], r['floor_ms'], r['over_ms'], r['op'])
+          for r in rows] == [
+      ('loop_add_fusion.1', 1.0, 1.0 / 1.5, 0.25, 1.25, 'jvp(UNet)/b/add'),
+      ('input_reduce_fusion_3', 4.0, 2.0, 1.0, 1.0, 'jvp(UNet)/a/reduce'),
+  ]
+  # Without a card's bandwidth (a CPU): no floor, the slowest first.
+  rows = profile.traffic_rows(events, traffic, None)
+  assert [(r['name'], r['floor_ms'], r['over_ms']) for r in rows] == [
+      ('input_reduce_fusion_3', None, None), ('loop_add_fusion.1', None, None)]
+  table, summary = profile.traffic_table(rows, None, top=1)
+  assert table.count('fusion') == 1 and 'took 3.5 ms per call moving 5.0 GB: 1.43 TB/s' in summary
+
+
+@pytest.mark.parametrize('device_kind, platform, tbs', [
+    ('NVIDIA H200', 'gpu', 4.8),                 # H200 datasheet: 4.8 TB/s.
+    ('NVIDIA H100 80GB HBM3', 'gpu', 3.35),      # H100 SXM5 datasheet: 3.35 TB/s.
+    ('NVIDIA L4', 'gpu', None),                  # Not listed: no floor, no guess.
+    ('cpu', 'cpu', None),
+])
+def test_profile_takes_the_bandwidth_of_the_card(device_kind, platform, tbs):
+  assert profile._bandwidth_tbs(device_kind, platform) == tbs  # pylint: disable=protected-access
