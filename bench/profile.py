@@ -164,6 +164,15 @@ def _bandwidth_tbs(device_kind: str, platform_name: str) -> float | None:
                if card.lower() in device_kind.lower()), None)
 
 
+def shortened(name: str, width: int) -> str:
+  """`name` cut to `width` characters by dropping its middle: cuDNN's and cuBLAS's kernel
+  names share long prefixes and differ in their template arguments at the end."""
+  if len(name) <= width:
+    return name
+  tail = width // 3
+  return f'{name[:width - tail - 3]}...{name[-tail:]}'
+
+
 def _event_name(hlo_name: str) -> str:
   """A GPU kernel is named after its HLO fusion with '_' for '.': 'input_reduce_fusion.3'
   -> 'input_reduce_fusion_3'. CPU events keep the HLO name; both map to this key."""
@@ -219,8 +228,8 @@ def traffic_table(rows: list[dict], bandwidth_tbs: float | None, top: int) -> tu
     table.append(cells + [f'`{r["op"][-70:]}`'])
   ms, gb = sum(r['ms'] for r in rows), sum(r['gb'] for r in rows)
   summary = (f'the {len(rows):,} profiled kernels named in the HLO (on a GPU, XLA\'s '
-             f'fusions and Triton GEMMs; not cuDNN\'s, cuBLAS\'s or Pallas\'s) took {ms:.1f} ms per call moving {gb:.1f} GB: '
-             f'{gb / ms if ms else 0:.2f} TB/s')
+             'fusions and Triton GEMMs; not cuDNN\'s, cuBLAS\'s or Pallas\'s) took '
+             f'{ms:.1f} ms per call moving {gb:.1f} GB: {gb / ms if ms else 0:.2f} TB/s')
   if bandwidth_tbs:
     summary += f', where the card\'s {bandwidth_tbs:g} TB/s needs {gb / bandwidth_tbs:.1f} ms'
   return common.markdown_table(header, table), summary + '.'
@@ -254,7 +263,7 @@ def main(argv):
   table = common.markdown_table(['op kind', 'time per call', 'share'], rows)
   if facts['platform'] == 'gpu':
     busy = sum(events.values())
-    rows = [(f'`{name[:90]}`', f'{ms:.2f} ms', f'{ms / busy:.1%}')
+    rows = [(f'`{shortened(name, 90)}`', f'{ms:.2f} ms', f'{ms / busy:.1%}')
             for name, ms in events.most_common(args.top)]
     rows.append(('all kernels', f'{busy:.1f} ms', f'{busy / call_ms:.0%} of the call'))
     table += '\n\n' + common.markdown_table(['GPU kernel', 'time per call', 'share'], rows)

@@ -219,3 +219,13 @@ def test_profile_puts_kernels_against_their_floor_at_the_bandwidth():
 ])
 def test_profile_takes_the_bandwidth_of_the_card(device_kind, platform, tbs):
   assert profile._bandwidth_tbs(device_kind, platform) == tbs  # pylint: disable=protected-access
+
+
+def test_profile_shortens_kernel_names_keeping_both_ends():
+  """Two cuDNN kernels that differ only after their first 90 characters stay apart."""
+  head = 'sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize' + 'x' * 40
+  first, second = head + '_warpgroupsize1x1x1_execute_segment_k_off', head + '_alignc8_kernel'
+  assert profile.shortened('short_name', 90) == 'short_name'
+  shown = profile.shortened(first, 90), profile.shortened(second, 90)
+  assert [len(s) for s in shown] == [90, 90] and shown[0] != shown[1]
+  assert shown[0] == first[:57] + '...' + first[-30:]
