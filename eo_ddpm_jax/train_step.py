@@ -64,11 +64,39 @@ def create_learning_rate_fn(optim_config: ml_collections.ConfigDict,
       end_value=optim_config.end_learning_rate)
 
 
+def global_norm(tree: PyTree) -> jax.Array:
+  """The L2 norm of all of `tree`'s leaves together, a float32 scalar.
+
+  The leaves are laid end to end and reduced once. optax.tree.norm reduces each leaf on
+  its own: on a GPU that is a small kernel or two per leaf (286 of the 2,009 kernels of
+  the study model's batch-256 step, compiled for an H200), each costing a few
+  microseconds whatever its size. XLA makes this form two kernels.
+  """
+  leaves = [jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
+  return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate(leaves))))
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """optax.clip_by_global_norm with the norm taken by `global_norm`: updates scaled by
+  max_norm / norm when norm >= max_norm, else unchanged. Same (empty) state, so
+  checkpoints are interchangeable with optax's."""
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = global_norm(updates)
+    keep = norm < max_norm
+    updates = jax.tree.map(
+        lambda u: jax.lax.select(keep, u, (u / norm.astype(u.dtype)) * max_norm), updates)
+    return updates, state
+
+  return optax.GradientTransformation(optax.init_empty_state, update_fn)
+
+
 def create_optimizer(optim_config: ml_collections.ConfigDict,
                      learning_rate_fn: optax.Schedule) -> optax.GradientTransformation:
   """Gradient clipping by global norm, then AdamW driven by `learning_rate_fn`."""
   return optax.chain(
-      optax.clip_by_global_norm(optim_config.grad_clip_norm),
+      clip_by_global_norm(optim_config.grad_clip_norm),
       optax.adamw(learning_rate_fn, b1=optim_config.b1, b2=optim_config.b2,
                   eps=optim_config.eps, weight_decay=optim_config.weight_decay))
 
@@ -211,7 +239,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: flax.linen.Module,
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, **ema_kwargs)
     ema_params = update_ema(state.ema_params, params, decay)
-    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads)}
+    metrics = {'loss': loss, 'grad_norm': global_norm(grads)}
     if learning_rate_fn is not None:
       metrics['learning_rate'] = jnp.asarray(learning_rate_fn(state.step), jnp.float32)
     new_state = state.replace(step=state.step + 1, params=params,

@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -87,6 +88,39 @@ def test_learning_rate_rejects_long_warmup():
   optim.warmup_steps = 10
   with pytest.raises(ValueError, match='optim.warmup_steps'):
     ts.create_learning_rate_fn(optim, total_steps=10)
+
+
+def _gradient_tree(scale):
+  """Leaves of several shapes and dtypes, like a U-Net's: conv kernel, bias, scalar."""
+  keys = jax.random.split(jax.random.PRNGKey(3), 3)
+  return {'conv': {'kernel': scale * jax.random.normal(keys[0], (3, 3, 4, 5))},
+          'bias': scale * jax.random.normal(keys[1], (5,)),
+          'gain': (scale * jax.random.normal(keys[2], ())).astype(jnp.bfloat16)}
+
+
+def test_global_norm_is_the_norm_of_all_leaves_together():
+  tree = _gradient_tree(2.0)
+  flat = np.concatenate([np.ravel(np.asarray(leaf, np.float64))
+                         for leaf in jax.tree.leaves(tree)])
+  assert float(jax.jit(ts.global_norm)(tree)) == pytest.approx(np.linalg.norm(flat), rel=1e-6)
+
+
+@pytest.mark.parametrize('scale', [0.01, 3.0])  # Norm 0.14 (kept) and 43 (clipped).
+def test_clip_by_global_norm_matches_optax(scale):
+  """Same updates as optax.clip_by_global_norm and the same state, so a checkpoint's
+  optimizer state is the same tree either way."""
+  tree = _gradient_tree(scale)
+  ours, theirs = ts.clip_by_global_norm(0.5), optax.clip_by_global_norm(0.5)
+  state = ours.init(tree)
+  assert jax.tree.structure(state) == jax.tree.structure(theirs.init(tree))
+  got, _ = jax.jit(ours.update)(tree, state)
+  want, _ = theirs.update(tree, theirs.init(tree))
+  for g, w, leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(tree)):
+    assert g.dtype == leaf.dtype
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                               rtol=1e-2 if g.dtype == jnp.bfloat16 else 1e-5)
+  clipped_norm = float(ts.global_norm(got))
+  assert clipped_norm == pytest.approx(min(float(ts.global_norm(tree)), 0.5), rel=1e-2)
 
 
 def _tiny_config():
