@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from jax.experimental import layout as jax_layout
 
 from eo_ddpm_jax import diffusion
 from eo_ddpm_jax import schedules
@@ -74,6 +75,20 @@ def global_norm(tree: PyTree) -> jax.Array:
   """
   leaves = [jnp.ravel(leaf).astype(jnp.float32) for leaf in jax.tree.leaves(tree)]
   return jnp.sqrt(jnp.sum(jnp.square(jnp.concatenate(leaves))))
+
+
+def in_row_major_layout(tree: PyTree) -> PyTree:
+  """`tree`'s arrays pinned to the row-major layout the train state is stored in.
+
+  For the gradients: cuDNN gives each conv kernel's gradient in its filter layout
+  (O, H, W, I). Left free, XLA runs that kernel's whole update in the gradient's layout,
+  transposing the params, both Adam moments and the EMA to it and back, in two kernels
+  with copies between them. Pinned, the gradient is transposed once and each leaf's
+  update is one kernel (study step compiled for an H100: 1,621 -> 1,464 kernels).
+  """
+  return jax.tree.map(
+      lambda x: jax_layout.with_layout_constraint(x, jax_layout.Layout(tuple(range(x.ndim)))),
+      tree)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
@@ -235,6 +250,7 @@ def make_train_step(config: ml_collections.ConfigDict, model: flax.linen.Module,
     rng = jax.random.fold_in(state.rng, state.step)
     images = batch['image'].astype(jnp.float32)
     loss, grads = loss_and_grads(state.params, images, rng)
+    grads = in_row_major_layout(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     decay = ema_decay(state.step, **ema_kwargs)

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +122,27 @@ def test_clip_by_global_norm_matches_optax(scale):
                                rtol=1e-2 if g.dtype == jnp.bfloat16 else 1e-5)
   clipped_norm = float(ts.global_norm(got))
   assert clipped_norm == pytest.approx(min(float(ts.global_norm(tree)), 0.5), rel=1e-2)
+
+
+def test_gradients_are_pinned_to_the_row_major_layout():
+  """The step pins every gradient leaf to the row-major layout of the stored params
+  (XLA's layout constraint, which on a GPU keeps the conv kernels' updates out of cuDNN's
+  filter layout), and the pinning leaves values alone."""
+  tree = _gradient_tree(1.0)
+  pinned = jax.jit(ts.in_row_major_layout)(tree)
+  for got, want in zip(jax.tree.leaves(pinned), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(got, want)
+  config = _tiny_config()
+  model, tx, schedule, lr_fn, state = _setup(config)
+  step = ts.make_train_step(config, model, tx, schedule, lr_fn)
+  images = jnp.zeros((2, 8, 8, 3), jnp.float32)
+  text = jax.jit(step).lower(state, {'image': images}).as_text()
+  # Each constraint's result layout, minor to major: [3, 2, 1, 0] is row-major in 4-D.
+  pinned_layouts = sorted(
+      [int(d) for d in re.findall(r'\d+', dims)] for dims in
+      re.findall(r'@LayoutConstraint.*result_layouts = \[dense<\[?([\d, ]*)', text))
+  assert pinned_layouts == sorted(list(range(leaf.ndim))[::-1]
+                                  for leaf in jax.tree.leaves(state.params))
 
 
 def _tiny_config():
