@@ -3,7 +3,7 @@
 # 128x128, T=500), and its model-FLOPs utilisation at batch 256 in bfloat16.
 #
 # Needs JAX (CUDA), Flax, Optax and ml_collections; synthetic batches, no torch. Runs,
-# each under its own timeout, all within about 8 minutes on an H100:
+# each under its own timeout, all within about 10 minutes on an H100:
 #   1. bench.train_step, bfloat16, batch 256: images/s and MFU, with the linear
 #      attention in XLA and in the fused Triton kernels (model.linear_attention_impl=
 #      triton, what the default auto picks on a GPU);
@@ -12,15 +12,18 @@
 #   3. the batch-256 step from the checkout in $BASELINE_DIR, when set (a copy of an
 #      older commit's eo_ddpm_jax/, bench/ and configs/; its own defaults), to measure
 #      a change on the same card;
-#   4. bench.profile of the batch-256 step with $PROFILE_LINEAR_ATTENTION (default
+#   4. the study's batch (8) in bfloat16: HEAD, the baseline when set, and HEAD with
+#      XLA's command buffers (CUDA graphs) asked for all kernel kinds;
+#   5. bench.profile of the batch-256 step with $PROFILE_LINEAR_ATTENTION (default
 #      triton; xla profiles the XLA version): time per XLA op kind and per GPU kernel,
 #      XLA's kernels against the bytes they move (TB/s, time over the bandwidth floor,
 #      op name), with the trace and the optimised HLO kept; then, with $BASELINE_DIR,
 #      the baseline's batch-256 step profiled alike (that table needs its checkout to
 #      have bench/profile.py and bench/hlo_traffic.py: gpu_prepare.sh's BASE_OVERLAY);
-#   5. bench.profile of the study's own step (batch 8, float32).
+#   6. bench.profile of the study's own step (batch 8, float32).
 # BENCH_SKIP="KEY ..." leaves runs out, to fit a short lease: xla (1's XLA step), check
-# (2), baseline_profile (4's baseline), f32 (5).
+# (2), small (4's batch-8 steps), graphs (4's command buffers), baseline_profile (5's
+# baseline), f32 (6).
 # Tables go to $OUT/gpu_profile.md (else bench/gpu_profile/gpu_profile.md); traces and
 # HLO are packed into gpu_profile_traces.tgz beside it.
 #
@@ -29,7 +32,8 @@
 #   bash bench/gpu_profile.sh                       # on the GPU machine
 #   BASELINE_DIR=/path/to/old bash bench/gpu_profile.sh
 #   BENCH_LARGE_BATCH=128 bash bench/gpu_profile.sh  # if 256 does not fit the card
-#   BENCH_SKIP="xla check f32" BASELINE_DIR=$PWD/.gpu/base bash bench/gpu_profile.sh
+#   BENCH_SKIP="xla check f32 baseline_profile" BASELINE_DIR=$PWD/.gpu/base \
+#       bash bench/gpu_profile.sh                   # ~7.5 min on an H200
 #   BENCH_SMOKE=1 PYTHON=.venv/bin/python bash bench/gpu_profile.sh   # tiny, any machine
 set -u
 source "$(dirname "$0")/gpu_lib.sh"
@@ -91,6 +95,26 @@ if [[ -n "${BASELINE_DIR:-}" ]]; then
   run "train bfloat16 b$LARGE, baseline" "$BASELINE_DIR" -m bench.train_step \
       "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$LARGE" \
       --results "$RESULTS" --note "Baseline checkout: $BASELINE_DIR."
+fi
+# The study's batch, where the step is bound by its ~1,400-1,800 kernel launches more
+# than by bytes or FLOPs: HEAD and the baseline, then HEAD with XLA's command buffers
+# (CUDA graphs) asked for every kernel kind, in case the defaults leave some out.
+if wanted small; then
+  run "train bfloat16 b$SMALL" . -m bench.train_step "${COMMON[@]}" "${TIMING[@]}" \
+      --precision bfloat16 --batch "$SMALL" --results "$RESULTS"
+  if [[ -n "${BASELINE_DIR:-}" ]]; then
+    run "train bfloat16 b$SMALL, baseline" "$BASELINE_DIR" -m bench.train_step \
+        "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$SMALL" \
+        --results "$RESULTS" --note "Baseline checkout: $BASELINE_DIR."
+  fi
+fi
+if wanted graphs; then
+  SAVED_XLA_FLAGS="${XLA_FLAGS:-}"
+  export XLA_FLAGS="$SAVED_XLA_FLAGS --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1"
+  run "train bfloat16 b$SMALL, command buffers for all kernels" . -m bench.train_step \
+      "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$SMALL" \
+      --results "$RESULTS"
+  export XLA_FLAGS="$SAVED_XLA_FLAGS"
 fi
 PROFILE_LINEAR_ATTENTION="${PROFILE_LINEAR_ATTENTION:-$TRITON}"
 run "profile bfloat16 b$LARGE, $PROFILE_LINEAR_ATTENTION linear attention" . \
