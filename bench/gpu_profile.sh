@@ -56,10 +56,13 @@ if [[ "${BENCH_SMOKE:-0}" == "1" ]]; then
   MODEL=(--dim 16 --dim_mults 1,2 --image_size 32)
   LARGE=4; SMALL=2; TRITON=triton_interpret
   TIMING=(--warmup_steps 1 --steps_per_repeat 2 --repeats 2)
+  SMALL_TIMING=("${TIMING[@]}")
 else
   MODEL=(--dim 64 --dim_mults 1,2,4 --image_size 128)
   LARGE="${BENCH_LARGE_BATCH:-256}"; SMALL=8
   TIMING=(--warmup_steps 2 --steps_per_repeat 10 --repeats 3)
+  # A batch-8 step takes ~17 ms and varies by a few ms: more of them, for an A/B.
+  SMALL_TIMING=(--warmup_steps 5 --steps_per_repeat 20 --repeats 10)
 fi
 COMMON=("${MODEL[@]}" --timesteps 500 --schedule sigmoid --objective pred_noise)
 
@@ -100,11 +103,11 @@ fi
 # than by bytes or FLOPs: HEAD and the baseline, then HEAD with XLA's command buffers
 # (CUDA graphs) asked for every kernel kind, in case the defaults leave some out.
 if wanted small; then
-  run "train bfloat16 b$SMALL" . -m bench.train_step "${COMMON[@]}" "${TIMING[@]}" \
+  run "train bfloat16 b$SMALL" . -m bench.train_step "${COMMON[@]}" "${SMALL_TIMING[@]}" \
       --precision bfloat16 --batch "$SMALL" --results "$RESULTS"
   if [[ -n "${BASELINE_DIR:-}" ]]; then
     run "train bfloat16 b$SMALL, baseline" "$BASELINE_DIR" -m bench.train_step \
-        "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$SMALL" \
+        "${COMMON[@]}" "${SMALL_TIMING[@]}" --precision bfloat16 --batch "$SMALL" \
         --results "$RESULTS" --note "Baseline checkout: $BASELINE_DIR."
   fi
 fi
@@ -112,7 +115,7 @@ if wanted graphs; then
   SAVED_XLA_FLAGS="${XLA_FLAGS:-}"
   export XLA_FLAGS="$SAVED_XLA_FLAGS --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN --xla_gpu_graph_min_graph_size=1"
   run "train bfloat16 b$SMALL, command buffers for all kernels" . -m bench.train_step \
-      "${COMMON[@]}" "${TIMING[@]}" --precision bfloat16 --batch "$SMALL" \
+      "${COMMON[@]}" "${SMALL_TIMING[@]}" --precision bfloat16 --batch "$SMALL" \
       --results "$RESULTS"
   export XLA_FLAGS="$SAVED_XLA_FLAGS"
 fi
