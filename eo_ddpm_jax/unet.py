@@ -15,8 +15,8 @@ softmaxes, the linear attention (with its projections), the time embedding and t
 
 16-bit compute, the GPU's, computes two layers in a form that moves fewer bytes, with the
 same params and values: GroupNorm + SiLU with a hand-written backward
-(`group_norm_silu`) and the upsampling conv at the input's resolution
-(`SubPixelUpsampleConv`). float32 keeps the plain forms, whose program was measured
+(`group_norm_silu`) and the upsampling conv as one transposed conv on the input
+(`TransposedUpsampleConv`). float32 keeps the plain forms, whose program was measured
 against the library on CPUs.
 """
 
@@ -610,22 +610,64 @@ def upsample_nearest(x: jax.Array) -> jax.Array:
   return x.reshape(b, 2 * h, 2 * w, c)
 
 
-# _SUB_PIXEL_TAPS[a, r, k]: 1 where tap k of a 3x3 kernel (row offset k - 1) on the 2x
-# nearest-upsampled image reads, for an output row of parity a, input row i + r - 1.
-_SUB_PIXEL_TAPS = np.array([[[1, 0, 0], [0, 1, 1], [0, 0, 0]],
-                            [[0, 0, 0], [1, 1, 0], [0, 0, 1]]], np.float32)
+# _UPSAMPLE_TAPS[t, k], per spatial axis: 1 where tap k of a 3x3 kernel on the 2x
+# nearest-upsampled image (row offset k - 1) falls on tap t of a 4x4 stride-2 transposed
+# kernel on the input. An even output row 2i reads input rows i - 1 (k=0) and i (k=1, 2);
+# an odd one, 2i + 1, reads i (k=0, 1) and i + 1 (k=2).
+_UPSAMPLE_TAPS = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]], np.float32)
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
-class SubPixelUpsampleConv(nn.Module):
-  """2x nearest upsampling then a 3x3 conv (the library's `Upsample`), computed at the
-  input's resolution: one 3x3 conv with the 4 output phases (row and column parity) as
-  channels, then depth-to-space. Same FLOPs, and the 4x upsampled tensor is never
-  written or read, nor its gradient (compiled for an H200 at batch 256 in bfloat16:
-  284.7 -> 279.3 GB per step, bench/RESULTS.md).
+def _stride_2_conv(y: jax.Array, kernel: jax.Array) -> jax.Array:
+  """[B, 2H, 2W, F] -> [B, H, W, C]: the adjoint of `transposed_upsample_conv` in its input.
+
+  kernel: [4, 4, C, F], the transposed conv's; here flipped, with C and F swapped."""
+  flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+  return jax.lax.conv_general_dilated(y, flipped, window_strides=(2, 2),
+                                      padding=((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def transposed_upsample_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """[B, H, W, C] -> [B, 2H, 2W, F]: the stride-2 transposed conv with `kernel` [4, 4, C, F].
+
+  Defined as the transpose of `_stride_2_conv`, the form XLA hands to cuDNN as one
+  backward-data convolution (an input-dilated conv written out directly is run as a
+  forward conv over the 4x dilated, zero-filled input)."""
+  b, h, w, _ = x.shape
+  output = jax.ShapeDtypeStruct((b, 2 * h, 2 * w, kernel.shape[3]), x.dtype)
+  return jax.linear_transpose(lambda y: _stride_2_conv(y, kernel), output)(x)[0]
+
+
+def _transposed_upsample_conv_fwd(x, kernel):
+  return transposed_upsample_conv(x, kernel), (x, kernel)
+
+
+def _transposed_upsample_conv_bwd(residuals, grad):
+  # JAX's own rule for the kernel of an input-dilated conv is a conv with an [H, W]
+  # window that XLA:GPU does not give to cuDNN's filter-gradient kernel (it adds ~1.6 GB
+  # of transposes per layer at batch 256); the same value as the filter gradient of the
+  # strided conv does map to it.
+  x, kernel = residuals
+  kernel_shape = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+  kernel_grad = jax.linear_transpose(lambda k: _stride_2_conv(grad, k), kernel_shape)(x)[0]
+  return _stride_2_conv(grad, kernel), kernel_grad
+
+
+transposed_upsample_conv.defvjp(_transposed_upsample_conv_fwd,
+                                _transposed_upsample_conv_bwd)
+
+
+class TransposedUpsampleConv(nn.Module):
+  """2x nearest upsampling then a 3x3 conv (the library's `Upsample`), as one stride-2
+  transposed 4x4 conv on the input. Each output pixel's 3x3 window on the upsampled
+  image covers 2x2 input pixels, so the 4x4 kernel sums the taps that land on the same
+  one: 16 multiply-adds per input pixel and channel pair where the upsample-then-conv
+  does 36, the 4x upsampled tensor is never written, and cuDNN gives the output and
+  both gradients in place (no depth-to-space).
 
   x: [B, H, W, C] -> [B, 2H, 2W, features]. Params 'kernel' [3, 3, C, features] and
-  'bias' [features], as nn.Conv's (so `torch_convert` and init are unchanged); each
-  phase's kernel sums the taps that land on the same input pixel.
+  'bias' [features], as nn.Conv's (so `torch_convert` and init are unchanged).
   """
   features: int
   dtype: Dtype = jnp.float32
@@ -633,20 +675,14 @@ class SubPixelUpsampleConv(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b, h, w, c = x.shape
+    c = x.shape[-1]
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (3, 3, c, self.features),
                         self.param_dtype)
     bias = self.param('bias', nn.initializers.zeros, (self.features,), self.param_dtype)
-    taps = jnp.asarray(_SUB_PIXEL_TAPS, kernel.dtype)
-    # [3, 3, C, (row parity, column parity, features)].
-    phases = jnp.einsum('ark,bsl,klio->rsiabo', taps, taps, kernel).reshape(
-        3, 3, c, 4 * self.features)
-    y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), phases.astype(self.dtype), window_strides=(1, 1),
-        padding=((1, 1), (1, 1)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    y = y + jnp.tile(bias, 4).astype(self.dtype)
-    y = y.reshape(b, h, w, 2, 2, self.features).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(b, 2 * h, 2 * w, self.features)
+    taps = jnp.asarray(_UPSAMPLE_TAPS, kernel.dtype)
+    transposed = jnp.einsum('tk,sl,klio->tsio', taps, taps, kernel)
+    y = transposed_upsample_conv(x.astype(self.dtype), transposed.astype(self.dtype))
+    return y + bias.astype(self.dtype)
 
 
 class UNet(nn.Module):
@@ -776,7 +812,7 @@ class UNet(nn.Module):
       if j == num_stages - 1:
         x = nn.Conv(dim_in, (3, 3), padding=1, name=name, **kw)(x)
       elif _is_16_bit(self.dtype):
-        x = SubPixelUpsampleConv(dim_in, name=name, **kw)(x)
+        x = TransposedUpsampleConv(dim_in, name=name, **kw)(x)
       else:  # float32 keeps the program measured against the library on CPUs.
         x = nn.Conv(dim_in, (3, 3), padding=1, name=name, **kw)(upsample_nearest(x))
 

@@ -170,16 +170,16 @@ def test_bfloat16_linear_attention_multiplies_its_full_size_tensors_in_bfloat16(
                  [str(v.aval) for v in eqn.invars] for eqn in over_positions]
 
 
-def test_sub_pixel_upsample_conv_matches_torch_upsample_then_conv(x64):
-  """SubPixelUpsampleConv (3x3 conv at the input's resolution, 4 phases, depth-to-space)
-  equals torch's nn.Upsample(nearest) then Conv2d 3x3, padding 1, in float64: values and
-  the gradients of the input, kernel and bias, on an odd-sized image (borders on every
-  side of every phase)."""
+def test_transposed_upsample_conv_matches_torch_upsample_then_conv(x64):
+  """TransposedUpsampleConv (one stride-2 transposed 4x4 conv on the input) equals
+  torch's nn.Upsample(nearest) then Conv2d 3x3, padding 1, in float64: values and the
+  gradients of the input, kernel and bias, on an odd-sized image (borders on every side
+  of both row and column parities)."""
   import torch  # pylint: disable=g-import-not-at-top  (the [torch] test extra)
   rng = np.random.default_rng(5)
   x, kernel = rng.standard_normal((2, 5, 3, 4)), rng.standard_normal((3, 3, 4, 6))
   bias, weights = rng.standard_normal(6), rng.standard_normal((2, 10, 6, 6))
-  module = unet.SubPixelUpsampleConv(6, dtype=jnp.float64, param_dtype=jnp.float64)
+  module = unet.TransposedUpsampleConv(6, dtype=jnp.float64, param_dtype=jnp.float64)
 
   def jax_loss(x, kernel, bias):
     out = module.apply({'params': {'kernel': kernel, 'bias': bias}}, x)
@@ -199,8 +199,28 @@ def test_sub_pixel_upsample_conv_matches_torch_upsample_then_conv(x64):
     np.testing.assert_allclose(np.asarray(got), want.grad.numpy(), rtol=1e-12, atol=1e-12)
 
 
+def test_transposed_upsample_conv_dilates_its_input_only_in_the_forward():
+  """The backward is the strided conv and its filter gradient (the custom VJP), the
+  forms cuDNN runs: JAX's own rule for the kernel's gradient would be a second conv over
+  the 2x input-dilated input, which XLA:GPU runs with transposes around it (~1.6 GB per
+  layer at batch 256, bench/RESULTS.md)."""
+  x = jnp.ones((2, 6, 5, 4), jnp.bfloat16)
+  kernel = jnp.ones((4, 4, 4, 3), jnp.bfloat16)
+
+  def loss(x, kernel):
+    return jnp.sum(unet.transposed_upsample_conv(x, kernel).astype(jnp.float32) ** 2)
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, kernel).jaxpr
+  convs = [(eqn.params['lhs_dilation'], eqn.params['window_strides'])
+           for eqn, _ in roofline.equations(jaxpr)
+           if eqn.primitive.name == 'conv_general_dilated']
+  dilated, strided = ((2, 2), (1, 1)), ((1, 1), (2, 2))
+  # The forward, the kernel's gradient (its window dilated, its input not), the input's.
+  assert convs == [dilated, ((1, 1), (1, 1)), strided], convs
+
+
 def test_bfloat16_unet_inits_the_float32_params():
-  """16-bit compute swaps modules (SubPixelUpsampleConv for upsample + nn.Conv) but not
+  """16-bit compute swaps modules (TransposedUpsampleConv for upsample + nn.Conv) but not
   params: same tree, and the same values from the same key."""
   model_kw = dict(dim=8, dim_mults=(1, 2), attn_dim_head=4, attn_heads=2)
   args = (jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1,), jnp.int32))
