@@ -92,6 +92,9 @@ def flops(eqn) -> int:
   # rhs_spec: (out features, in features per group, spatial...).
   spec = eqn.params['dimension_numbers'].rhs_spec
   window = math.prod(rhs.shape[i] for i in spec[2:])
+  # An input-dilated (transposed) conv's window meets real pixels at one tap in
+  # prod(lhs_dilation); cuDNN computes only those.
+  window //= math.prod(eqn.params['lhs_dilation'] or (1,))
   return 2 * out.size * rhs.shape[spec[1]] * window
 
 
@@ -130,11 +133,22 @@ def tally(jaxpr, dim_head: int) -> dict[str, list]:
   return rows
 
 
+def model_flops(args) -> int:
+  """The convs' and GEMMs' FLOPs of the step in float32, whose layers take the library's
+  forms: MFU's numerator, as bench/train_step.py counts it (16-bit compute's upsampling,
+  unet.TransposedUpsampleConv, computes fewer)."""
+  step, state, batch = abstract_step(argparse.Namespace(**{**vars(args),
+                                                           'precision': 'float32'}))
+  return sum(flops(eqn) for eqn, _ in equations(jax.make_jaxpr(step)(state, batch).jaxpr)
+             if eqn.primitive.name in ('dot_general', 'conv_general_dilated'))
+
+
 def main(argv):
   args = parse_args(argv)
   step, state, batch = abstract_step(args)
   rows = tally(jax.make_jaxpr(step)(state, batch).jaxpr, args.attn_dim_head)
   total = [sum(r[i] for r in rows.values()) for i in range(2 + len(CARDS))]
+  library_flops = model_flops(args)
   # A check on the count: XLA's analysis of the whole step (elementwise ops included).
   xla_flops = common.cpu_model_flops(step, state, batch)
   ms = lambda s: f'{s * 1e3:.1f} ms'
@@ -149,11 +163,12 @@ def main(argv):
   ceilings = []
   for i, (card, (peak, bandwidth)) in enumerate(CARDS.items()):
     at_peak = total[0] / (peak * 1e12)
+    model_at_peak = library_flops / (peak * 1e12)
     ceilings.append(
         f'{card} ({peak:.0f} TFLOP/s, {bandwidth} TB/s): the FLOPs alone take {ms(at_peak)}, '
         f'the bytes alone {ms(total[1] / (bandwidth * 1e12))}; one kernel per op at its '
-        f'roofline {ms(total[2 + i])}: **MFU at most {at_peak / total[2 + i]:.0%}**; '
-        f'35% MFU needs a step of {ms(at_peak / 0.35)}')
+        f'roofline {ms(total[2 + i])}: **MFU at most {model_at_peak / total[2 + i]:.0%}**; '
+        f'35% MFU needs a step of {ms(model_at_peak / 0.35)}')
   common.report(
       f'Roofline of the train step, {args.precision}, batch {args.batch}',
       common.markdown_table(headers, table_rows),
@@ -168,6 +183,9 @@ def main(argv):
        f'{common.format_flops(xla_flops)}; the convs and GEMMs here are '
        f'{total[0] / xla_flops:.1%} of it (XLA leaves out the 3x3 taps that fall on the '
        f'zero padding; the kernels compute them).' if xla_flops else '',
+       f'MFU counts the model\'s FLOPs in its float32 (library) forms, '
+       f'{library_flops / 1e9:,.0f} GFLOP of convs and GEMMs, as bench/train_step.py does; '
+       f'the kernels above compute {total[0] / library_flops:.1%} of them.',
        *ceilings, args.note],
       args.results)
 

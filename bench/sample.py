@@ -88,9 +88,11 @@ def jax_forward_flops(model, params, shape) -> float | None:
   """FLOPs of one U-Net forward on a [B, H, W, C] batch: the cost of a step.
 
   Cost analysis of the whole loop would count its body once, not once per iteration.
-  Counted on the CPU with einsum attention (see `common.cpu_model_flops`).
+  Counted on the CPU with einsum attention (see `common.cpu_model_flops`), in float32,
+  whose layers take the library's forms (16-bit compute's upsampling runs fewer FLOPs).
   """
-  model = model.clone(attention_impl='einsum')
+  model = model.clone(attention_impl='einsum', linear_attention_impl='xla',
+                      dtype=jnp.float32)
   x = jax.ShapeDtypeStruct(shape, jnp.float32)
   t = jax.ShapeDtypeStruct((shape[0],), jnp.int32)
   return common.cpu_model_flops(lambda p, x, t: model.apply({'params': p}, x, t),

@@ -110,12 +110,16 @@ def prepare_jax(args, config) -> dict:
   compiled = jitted.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   # The model's FLOPs: the same step with einsum and XLA linear attention (the GPU
-  # kernels do not lower for the CPU), analysed on the CPU.
-  einsum_config = config.copy_and_resolve_references()
-  einsum_config.model.attention_impl = 'einsum'
-  einsum_config.model.linear_attention_impl = 'xla'
+  # kernels do not lower for the CPU), analysed on the CPU, in float32, whose layers
+  # take the library's forms. MFU counts the model's FLOPs as the library (and torch's
+  # counter) does, not the fewer that 16-bit compute's upsampling runs
+  # (unet.TransposedUpsampleConv: 16 of the 36 multiply-adds per input pixel).
+  flops_config = config.copy_and_resolve_references()
+  flops_config.model.attention_impl = 'einsum'
+  flops_config.model.linear_attention_impl = 'xla'
+  flops_config.model.dtype = 'float32'
   flops = common.cpu_model_flops(
-      train_lib.make_train_step(einsum_config, train_lib.create_model(einsum_config.model),
+      train_lib.make_train_step(flops_config, train_lib.create_model(flops_config.model),
                                 tx, schedule, learning_rate_fn), state, batch)
 
   attention_gap = None
@@ -313,7 +317,8 @@ def main(argv):
       + (f' (tilings {args.linear_attention_tilings})'
          if args.linear_attention_tilings else '') + '.',
       'FLOP/step: XLA cost analysis of the un-optimised step lowered for the CPU (JAX; '
-      'counts the convolutions the GPU program hides in cuDNN calls); '
+      'counts the convolutions the GPU program hides in cuDNN calls), in float32, whose '
+      'layers take the library\'s forms (bfloat16\'s upsampling computes fewer); '
       'torch.utils.flop_counter over one step (torch). MFU: against '
       + (f'{peak:g} TFLOP/s' if peak else 'no peak (CPU)') + '.',
       f'Peak memory: JAX {jax_result["memory_kind"]}'

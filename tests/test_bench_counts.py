@@ -23,16 +23,27 @@ def _conv(stride, groups):
   return conv
 
 
+def _input_dilated_conv(x, kernel):
+  # A stride-2 transposed conv as XLA sees it: the input dilated 2x with zeros.
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), ((0, 0), (0, 0)), lhs_dilation=(2, 2),
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 @pytest.mark.parametrize('fn, shapes', [
     (lambda a, b: jnp.einsum('bnk,bkf->bnf', a, b), [(2, 5, 3), (2, 3, 4)]),
     (lambda a, b: jnp.einsum('nc,nf->cf', a, b), [(7, 3), (7, 6)]),
     (_conv(1, 1), [(2, 6, 5, 4), (3, 3, 4, 8)]),    # a 3x3 conv (no padding: see below)
     (_conv(2, 1), [(2, 8, 8, 4), (2, 2, 4, 6)]),    # a 2x2 stride-2 downsampling conv
     (_conv(1, 2), [(1, 5, 5, 4), (3, 3, 2, 6)]),    # grouped
+    # Each 4x4 window over the dilated input meets 2x2 real pixels: 4 of 16 taps.
+    (_input_dilated_conv, [(2, 4, 5, 3), (4, 4, 3, 5)]),
 ])
 def test_flops_equal_xla_cost_analysis(fn, shapes):
-  """Without padding, XLA's count of a dot or conv is 2 x multiply-adds, as ours.
-  (With zero padding XLA leaves out the taps that fall on it; the kernels compute them.)"""
+  """Without padding, XLA's count of a dot or conv is 2 x multiply-adds, as ours; both
+  leave out the taps that fall on an input dilation's zeros, which cuDNN's transposed
+  conv skips. (With zero padding XLA leaves out the taps that fall on it; the kernels
+  compute them.)"""
   args = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
   ops = [eqn for eqn, _ in roofline.equations(jax.make_jaxpr(fn)(*args).jaxpr)
          if eqn.primitive.name in ('dot_general', 'conv_general_dilated')]
