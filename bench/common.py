@@ -255,13 +255,18 @@ def versions_line() -> str:
   return ', '.join(parts)
 
 
-def default_peak_tflops(device_kind: str, platform_name: str) -> float | None:
+def card_figure(table: dict[str, float], device_kind: str,
+                platform_name: str) -> float | None:
+  """`table`'s figure (PEAK_BF16_TFLOPS, HBM_BANDWIDTH_TBS) for the card named in
+  `device_kind` ('NVIDIA H100 80GB HBM3'); None on a CPU or an unlisted card."""
   if platform_name == 'cpu':
     return None
-  for key, value in PEAK_BF16_TFLOPS.items():
-    if key.lower() in device_kind.lower():
-      return value
-  return None
+  return next((value for card, value in table.items()
+               if card.lower() in device_kind.lower()), None)
+
+
+def default_peak_tflops(device_kind: str, platform_name: str) -> float | None:
+  return card_figure(PEAK_BF16_TFLOPS, device_kind, platform_name)
 
 
 def host_maxrss_bytes() -> int:

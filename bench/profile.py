@@ -155,15 +155,6 @@ def op_times(trace_dir: str, calls: int) -> tuple[collections.Counter, collectio
   return ops, events
 
 
-def _bandwidth_tbs(device_kind: str, platform_name: str) -> float | None:
-  """The card's memory bandwidth (TB/s, common.HBM_BANDWIDTH_TBS); None on a CPU or an
-  unlisted card."""
-  if platform_name == 'cpu':
-    return None
-  return next((tbs for card, tbs in common.HBM_BANDWIDTH_TBS.items()
-               if card.lower() in device_kind.lower()), None)
-
-
 def shortened(name: str, width: int) -> str:
   """`name` cut to `width` characters by dropping its middle: cuDNN's and cuBLAS's kernel
   names share long prefixes and differ in their template arguments at the end."""
@@ -274,7 +265,8 @@ def main(argv):
     table += '\n\n' + common.markdown_table(['GPU work', 'time per call', 'share'], rows)
   traffic_summary = ''
   if args.dump_hlo:
-    bandwidth = _bandwidth_tbs(facts['kind'], facts['platform'])
+    bandwidth = common.card_figure(common.HBM_BANDWIDTH_TBS, facts['kind'],
+                                   facts['platform'])
     traffic, traffic_summary = traffic_table(
         traffic_rows(events, kernel_traffic(args.dump_hlo, events), bandwidth), bandwidth, args.top)
     table += '\n\n' + traffic

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from bench import common
 from bench import hlo_traffic
 from bench import kernel_sass
 from bench import profile
@@ -228,8 +229,8 @@ def test_profile_puts_kernels_against_their_floor_at_the_bandwidth():
     ('NVIDIA L4', 'gpu', None),                  # Not listed: no floor, no guess.
     ('cpu', 'cpu', None),
 ])
-def test_profile_takes_the_bandwidth_of_the_card(device_kind, platform, tbs):
-  assert profile._bandwidth_tbs(device_kind, platform) == tbs  # pylint: disable=protected-access
+def test_card_figure_takes_the_bandwidth_of_the_named_card(device_kind, platform, tbs):
+  assert common.card_figure(common.HBM_BANDWIDTH_TBS, device_kind, platform) == tbs
 
 
 def test_profile_shortens_kernel_names_keeping_both_ends():
