@@ -39,9 +39,7 @@ def parse_args(argv):
   parser.add_argument('--image_size', type=int, default=None,
                       help='Override data.image_size of configs/demo.py.')
   parser.add_argument('--repeats', type=int, default=3, help='Timed runs of each.')
-  parser.add_argument('--results', default='bench/RESULTS.md',
-                      help='Markdown file the table is appended to; "" prints only.')
-  parser.add_argument('--note', default='', help='Free text added under the table.')
+  common.add_report_flags(parser)
   return parser.parse_args(argv)
 
 

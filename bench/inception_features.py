@@ -37,9 +37,7 @@ def parse_args(argv):
                       help="eval.inception_batch_size (pytorch-fid's default).")
   parser.add_argument('--batches', type=int, default=2, help='Batches per timed run.')
   parser.add_argument('--repeats', type=int, default=3, help='Timed runs of each.')
-  parser.add_argument('--results', default=common.DEFAULT_RESULTS,
-                      help='Markdown file the table is appended to; "" prints only.')
-  parser.add_argument('--note', default='', help='Free text added under the table.')
+  common.add_report_flags(parser)
   return parser.parse_args(argv)
 
 
