@@ -14,7 +14,7 @@
 #   bash bench/gpu_prepare.sh                 # wheels only
 #   BASE_REF=7e293bb bash bench/gpu_prepare.sh
 #   BASE_REF=bda2d21 BASE_OVERLAY="eo_ddpm_jax/fused_linear_attention.py \
-#       bench/profile.py bench/hlo_traffic.py" bash bench/gpu_prepare.sh
+#       bench/common.py bench/profile.py bench/hlo_traffic.py" bash bench/gpu_prepare.sh
 # then on the GPU host, from the repository root:
 #   BASELINE_DIR=$PWD/.gpu/base bash bench/gpu_profile.sh
 set -euo pipefail

@@ -19,7 +19,8 @@
 #      XLA's kernels against the bytes they move (TB/s, time over the bandwidth floor,
 #      op name), with the trace and the optimised HLO kept; then, with $BASELINE_DIR,
 #      the baseline's batch-256 step profiled alike (that table needs its checkout to
-#      have bench/profile.py and bench/hlo_traffic.py: gpu_prepare.sh's BASE_OVERLAY);
+#      have bench/profile.py, bench/hlo_traffic.py and the bench/common.py they use:
+#      gpu_prepare.sh's BASE_OVERLAY);
 #   6. bench.profile of the study's own step (batch 8, float32).
 # BENCH_SKIP="KEY ..." leaves runs out, to fit a short lease: xla (1's XLA step), check
 # (2), small (4's batch-8 steps), graphs (4's command buffers), baseline_profile (5's
