@@ -615,7 +615,6 @@ def upsample_nearest(x: jax.Array) -> jax.Array:
 # kernel on the input. An even output row 2i reads input rows i - 1 (k=0) and i (k=1, 2);
 # an odd one, 2i + 1, reads i (k=0, 1) and i + 1 (k=2).
 _UPSAMPLE_TAPS = np.array([[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]], np.float32)
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
 def _stride_2_conv(y: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -624,7 +623,8 @@ def _stride_2_conv(y: jax.Array, kernel: jax.Array) -> jax.Array:
   kernel: [4, 4, C, F], the transposed conv's; here flipped, with C and F swapped."""
   flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
   return jax.lax.conv_general_dilated(y, flipped, window_strides=(2, 2),
-                                      padding=((1, 1), (1, 1)), dimension_numbers=_NHWC)
+                                      padding=((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 @jax.custom_vjp
