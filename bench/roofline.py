@@ -148,7 +148,7 @@ def main(argv):
   step, state, batch = abstract_step(args)
   rows = tally(jax.make_jaxpr(step)(state, batch).jaxpr, args.attn_dim_head)
   total = [sum(r[i] for r in rows.values()) for i in range(2 + len(CARDS))]
-  library_flops = model_flops(args)
+  library_flops = total[0] if args.precision == 'float32' else model_flops(args)
   # A check on the count: XLA's analysis of the whole step (elementwise ops included).
   xla_flops = common.cpu_model_flops(step, state, batch)
   ms = lambda s: f'{s * 1e3:.1f} ms'
