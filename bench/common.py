@@ -119,7 +119,9 @@ def describe_unet(args: argparse.Namespace) -> str:
 
 
 def study_config(args: argparse.Namespace, batch_size: int):
-  """configs/default.py with the benchmark's architecture, size, precision and diffusion."""
+  """configs/default.py with the benchmark's architecture, size, precision and diffusion.
+  It starts nothing: the caller sets the CPU device count, then the tilings
+  (`set_linear_attention_tilings`, which may start JAX's backend)."""
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.dim = args.dim
@@ -130,7 +132,6 @@ def study_config(args: argparse.Namespace, batch_size: int):
   config.model.dtype = args.precision
   config.model.attention_impl = args.attention_impl
   config.model.linear_attention_impl = args.linear_attention_impl
-  set_linear_attention_tilings(args.linear_attention_tilings)
   config.data.image_size = args.image_size
   config.diffusion.timesteps = args.timesteps
   config.diffusion.schedule = args.schedule
@@ -143,7 +144,8 @@ def study_config(args: argparse.Namespace, batch_size: int):
 def set_linear_attention_tilings(text: str) -> None:
   """Replaces entries of the target GPU's tilings (fused_linear_attention.tilings()) from
   'NAME=ELEMENTS/WARPS/STAGES,...' (STAGES 0: Triton's default); '' keeps the defaults.
-  For this process's benchmark only."""
+  For this process's benchmark only. Starts JAX's backend when given tilings (the table
+  depends on the GPU), so call it after `cpu_devices.configure`."""
   from eo_ddpm_jax import fused_linear_attention as fused  # pylint: disable=g-import-not-at-top
   for item in filter(None, text.split(',')):
     name, _, value = item.partition('=')

@@ -98,6 +98,7 @@ def compile_for_gpu(args):
   capability = f'{CARDS[args.card]["major"]}.0'
   # 'auto' and the fused kernels' tilings resolve for the GPU, not this machine's backend.
   fused.TARGET_COMPUTE_CAPABILITY = capability
+  common.set_linear_attention_tilings(args.linear_attention_tilings)
   attention = train_lib.attention_impl(args.attention_impl, args.precision, backend='gpu')
   linear = train_lib.linear_attention_impl(
       args.linear_attention_impl, args.precision, backend='gpu',

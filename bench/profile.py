@@ -232,6 +232,7 @@ def main(argv):
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                                f' --xla_dump_to={args.dump_hlo} --xla_dump_hlo_as_text')
   config = common.study_config(args, args.batch)
+  common.set_linear_attention_tilings(args.linear_attention_tilings)
   run, description = build_program(args, config)
   for _ in range(3):
     run()

@@ -198,6 +198,7 @@ def main(argv):
   config = common.study_config(args, common.STUDY_BATCH)
   config.train.cpu_devices = args.cpu_devices
   cpu_devices.configure(config.train)  # Before JAX starts its backend.
+  common.set_linear_attention_tilings(args.linear_attention_tilings)
   facts = common.jax_device_facts()
   peak = args.peak_tflops or common.default_peak_tflops(facts['kind'], facts['platform'])
 

@@ -1,6 +1,11 @@
-"""Tests for bench/linear_attention_kernels.py: each tiling it times is its own kernel."""
+"""Tests for the benchmarks' kernel tilings: each tiling bench/linear_attention_kernels.py
+times is its own kernel, and the benchmarks' --linear_attention_tilings flag."""
 
+import os
 import re
+import subprocess
+import sys
+import textwrap
 
 import jax.numpy as jnp
 
@@ -23,3 +28,30 @@ def test_each_tiling_is_lowered_with_its_own_rows_per_step(monkeypatch):
     rows[elements] = set(re.findall(r'tensor<(\d+)x16x', text))
   assert '64' in rows[1024] and '64' not in rows[4096]
   assert '256' in rows[4096]
+
+
+def test_tilings_flag_is_applied_after_the_cpu_device_count(tmp_path):
+  """bench/train_step.py's order, in a fresh process: the study config, JAX's CPU device
+  count, then the tilings. Taking the tilings starts JAX's backend (the table depends on
+  the GPU), so the count must already be set; when study_config took them, setting 2
+  devices raised RuntimeError."""
+  script = textwrap.dedent("""
+      import jax
+      from bench import common, train_step
+      from eo_ddpm_jax import cpu_devices, fused_linear_attention as fused
+      args = train_step.parse_args(['--batch', '4', '--cpu_devices', '2',
+                                    '--linear_attention_tilings', 'key_statistics=512/2/3'])
+      config = common.study_config(args, args.batch)
+      config.train.cpu_devices = args.cpu_devices
+      cpu_devices.configure(config.train)
+      common.set_linear_attention_tilings(args.linear_attention_tilings)
+      print(jax.device_count(), fused.tilings()['key_statistics'])
+  """)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {**os.environ, 'PYTHONPATH': root, 'JAX_PLATFORMS': 'cpu'}
+  env.pop('XLA_FLAGS', None)
+  result = subprocess.run([sys.executable, '-c', script], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split(maxsplit=1) == [
+      '2', "Tiling(block_elements=512, num_warps=2, num_stages=3)\n"]
