@@ -120,8 +120,8 @@ def describe_unet(args: argparse.Namespace) -> str:
 
 def study_config(args: argparse.Namespace, batch_size: int):
   """configs/default.py with the benchmark's architecture, size, precision and diffusion.
-  It starts nothing: the caller sets the CPU device count, then the tilings
-  (`set_linear_attention_tilings`, which may start JAX's backend)."""
+  It starts nothing: the caller then sets the devices and tilings (`start_jax_devices`,
+  or `set_linear_attention_tilings` alone where the CPU device count does not apply)."""
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.dim = args.dim
@@ -139,6 +139,16 @@ def study_config(args: argparse.Namespace, batch_size: int):
   config.train.batch_size = batch_size
   config.seed = args.seed
   return config
+
+
+def start_jax_devices(args: argparse.Namespace, config) -> None:
+  """Sets JAX's CPU device count (`--cpu_devices`, as main.py's train.cpu_devices), then
+  the kernel tilings (`--linear_attention_tilings`), in that order: taking the tilings
+  may start JAX's backend, after which the count can no longer change."""
+  from eo_ddpm_jax import cpu_devices  # pylint: disable=g-import-not-at-top
+  config.train.cpu_devices = args.cpu_devices
+  cpu_devices.configure(config.train)
+  set_linear_attention_tilings(args.linear_attention_tilings)
 
 
 def set_linear_attention_tilings(text: str) -> None:

@@ -32,7 +32,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eo_ddpm_jax import cpu_devices
 from eo_ddpm_jax import sampling
 from eo_ddpm_jax import train_step as train_lib
 
@@ -196,9 +195,7 @@ def main(argv):
   if unknown:
     raise SystemExit(f'--samplers: unknown {sorted(unknown)}; valid: {", ".join(SAMPLERS)}')
   config = common.study_config(args, common.STUDY_BATCH)
-  config.train.cpu_devices = args.cpu_devices
-  cpu_devices.configure(config.train)  # Before JAX starts its backend.
-  common.set_linear_attention_tilings(args.linear_attention_tilings)
+  common.start_jax_devices(args, config)  # Before anything starts JAX's backend.
   facts = common.jax_device_facts()
   peak = args.peak_tflops or common.default_peak_tflops(facts['kind'], facts['platform'])
 

@@ -31,7 +31,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eo_ddpm_jax import cpu_devices
 from eo_ddpm_jax import train_step as train_lib
 
 
@@ -273,9 +272,7 @@ HEADERS = ['framework', 'precision', 'batch', 'params', 'compile', 'step (median
 def main(argv):
   args = parse_args(argv)
   config = common.study_config(args, args.batch)
-  config.train.cpu_devices = args.cpu_devices
-  cpu_devices.configure(config.train)  # Before JAX starts its backend.
-  common.set_linear_attention_tilings(args.linear_attention_tilings)
+  common.start_jax_devices(args, config)  # Before anything starts JAX's backend.
   facts = common.jax_device_facts()
   peak = args.peak_tflops or common.default_peak_tflops(facts['kind'], facts['platform'])
 

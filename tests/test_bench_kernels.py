@@ -31,20 +31,18 @@ def test_each_tiling_is_lowered_with_its_own_rows_per_step(monkeypatch):
 
 
 def test_tilings_flag_is_applied_after_the_cpu_device_count(tmp_path):
-  """bench/train_step.py's order, in a fresh process: the study config, JAX's CPU device
-  count, then the tilings. Taking the tilings starts JAX's backend (the table depends on
-  the GPU), so the count must already be set; when study_config took them, setting 2
-  devices raised RuntimeError."""
+  """bench/train_step.py's and bench/sample.py's set-up, in a fresh process: the study
+  config, then `common.start_jax_devices`. Taking the tilings starts JAX's backend (the
+  table depends on the GPU), so the device count must be set first; when study_config
+  took them, setting 2 devices raised RuntimeError."""
   script = textwrap.dedent("""
       import jax
       from bench import common, train_step
-      from eo_ddpm_jax import cpu_devices, fused_linear_attention as fused
+      from eo_ddpm_jax import fused_linear_attention as fused
       args = train_step.parse_args(['--batch', '4', '--cpu_devices', '2',
                                     '--linear_attention_tilings', 'key_statistics=512/2/3'])
       config = common.study_config(args, args.batch)
-      config.train.cpu_devices = args.cpu_devices
-      cpu_devices.configure(config.train)
-      common.set_linear_attention_tilings(args.linear_attention_tilings)
+      common.start_jax_devices(args, config)
       print(jax.device_count(), fused.tilings()['key_statistics'])
   """)
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
