@@ -34,8 +34,8 @@ from eo_ddpm_jax import train_step as train_lib
 # (dense bf16 peak TFLOP/s, memory TB/s) of each card.
 CARDS = {card: (common.PEAK_BF16_TFLOPS[card], tbs)
          for card, tbs in common.HBM_BANDWIDTH_TBS.items()}
-# The einsums of full attention's core (unet.Attention, einsum path).
-FULL_ATTENTION_CORE = re.compile(r'bqhd,bkhd->bhqk|bhqk,bkhd->bqhd')
+# The einsums of full attention's core (unet.attention_in_einsums).
+FULL_ATTENTION_CORE = re.compile(r'bhqd,bhkd->bhqk|bhqk,bhkd->bhqd')
 
 
 def parse_args(argv):

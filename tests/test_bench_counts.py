@@ -64,7 +64,7 @@ def test_equations_give_full_name_stacks_inside_nested_jaxprs():
 
 @pytest.mark.parametrize('name_stack, kind', [
     ('jvp(UNet)/downs_0_attn/bnk,bnc->bkc', 'attention projections and linear attention'),
-    ('transpose(jvp(UNet))/mid_attn/bqhd,bkhd->bhqk', 'full attention core (q k^T, p v)'),
+    ('transpose(jvp(UNet))/mid_attn/bhqd,bhkd->bhqk', 'full attention core (q k^T, p v)'),
     ('transpose(jvp(UNet))/ups_1_upsample', 'down- and upsampling convs'),
     ('jvp(UNet)/downs_1_downsample/...c,cf->...f', 'down- and upsampling convs'),
     ('transpose(jvp(UNet))/final_res_block/block1/proj',
