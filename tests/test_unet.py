@@ -121,6 +121,45 @@ def test_linear_attention_matches_the_concatenated_softmax(x64):
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
+def _softmax_attention(q, k, v, scale):
+  """The textbook order: logits, row softmax, then the weighted sum of v."""
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) * scale
+  return jnp.einsum('bhqk,bkhd->bqhd', jax.nn.softmax(logits, axis=-1), v)
+
+
+def test_full_attention_matches_the_softmax_formula(x64):
+  """attention_in_einsums (heads-major, divided after p v) against softmax(q k^T) v:
+  values and the gradients of q, k and v, with one logit large enough to overflow
+  exp without the row maximum's shift."""
+  rng = np.random.default_rng(1)
+  b, n, m, heads, d = 2, 6, 9, 3, 4
+  q = jnp.asarray(rng.standard_normal((b, n, heads, d)))
+  k, v = (jnp.asarray(rng.standard_normal((b, m, heads, d))) for _ in range(2))
+  q = q.at[1, 2, 0].set(-4000.0)  # Scaled logits up to ~4,700: exp overflows unshifted.
+  weights = jnp.asarray(rng.standard_normal((b, n, heads, d)))
+  got = unet.attention_in_einsums(q, k, v, 0.5)
+  assert got.dtype == jnp.float64 and np.all(np.isfinite(got))
+  np.testing.assert_allclose(got, _softmax_attention(q, k, v, 0.5), rtol=1e-12,
+                             atol=1e-12)
+  loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, 0.5)) * weights)
+  grads = jax.grad(loss(unet.attention_in_einsums), (0, 1, 2))(q, k, v)
+  expected = jax.grad(loss(_softmax_attention), (0, 1, 2))(q, k, v)
+  for got_grad, want in zip(grads, expected):
+    np.testing.assert_allclose(got_grad, want, rtol=1e-10, atol=1e-12)
+
+
+def test_full_attention_in_bfloat16_is_close_to_float32():
+  """bfloat16 q, k, v: a bfloat16 result within its rounding of the float32 one."""
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 16, 2, 8)), jnp.float32)
+             for _ in range(3))
+  want = unet.attention_in_einsums(q, k, v, 8**-0.5)
+  as16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  got = unet.attention_in_einsums(*as16, 8**-0.5)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.float32(got), want, atol=3e-2, rtol=3e-2)
+
+
 def test_linear_attention_in_bfloat16_is_close_to_float32():
   """bfloat16 inputs: values and gradients within bfloat16 rounding of the float32
   library grouping run on the same (rounded) inputs; the output stays bfloat16."""
